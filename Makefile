@@ -1,0 +1,47 @@
+# The two commands a new user runs on a fresh machine (see README):
+#   make bench   — set up .venv, build, run the clip benchmark against the dense implementation
+#   make test    — set up .venv, build, run the test suite
+# Each target does its own set-up; a second run reuses the environment and rebuilds only on change.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+# Pinned for the dev environment: the CPU wheel installs in seconds here; an unpinned torch pulls
+# several GB of CUDA packages. On a GPU machine pass e.g. TORCH_SPEC="torch==2.11.0".
+TORCH_SPEC ?= torch==2.13.0
+MAX_JOBS   ?= 2
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.ck-installed
+NATIVE_SRC := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*)
+
+BENCH_ARGS  ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup bench test info cuda-check clean
+
+$(STAMP): $(NATIVE_SRC)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy setuptools wheel ninja
+	@# open_clip is used only through its loss.py (parity tests, the open_clip bench provider);
+	@# --no-deps keeps torchvision and a second torch out.
+	$(PY) -m pip install -q --no-deps open_clip_torch
+	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+bench: setup
+	$(PY) -m contrastive_kernels bench $(BENCH_ARGS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+info: setup
+	$(PY) -m contrastive_kernels info
+
+# Compile-only check of every CUDA source with the machine's nvcc (sm_80 and sm_90).
+cuda-check:
+	bash tools/compile_cuda.sh
+
+clean:
+	rm -rf build *.egg-info contrastive_kernels/*.so $(STAMP)

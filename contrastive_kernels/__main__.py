@@ -1,0 +1,71 @@
+"""Command line: ``python -m contrastive_kernels {info,bench,experiment}`` (also ``contrastive-kernels``).
+
+Sub-commands import their machinery lazily, so ``info`` works even where a backend is broken.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+
+# experiment name -> module with a ``main(argv) -> int``; each is a self-contained script.
+EXPERIMENTS = {
+    "synthetic": "contrastive_kernels.experiments.synthetic",
+    "digits": "contrastive_kernels.experiments.digits",
+    "modality": "contrastive_kernels.experiments.modality",
+}
+
+
+def info() -> int:
+    """Print versions, devices and which backends are built and usable (and why not)."""
+    import torch
+
+    import contrastive_kernels as ck
+    from contrastive_kernels.backends import BACKENDS, availability
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception as exc:  # report, never fail
+        triton_version = f"not importable ({type(exc).__name__}: {exc})"
+    print(f"contrastive_kernels {ck.__version__}")
+    print(f"python      {platform.python_version()} ({platform.machine()}, {platform.system()})")
+    print(f"torch       {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
+    print(f"triton      {triton_version}")
+    print(f"cpu threads {torch.get_num_threads()}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            print(f"cuda:{i}      {torch.cuda.get_device_name(i)}")
+    else:
+        print("cuda        no device visible")
+    print("\nbackend     usable  note")
+    for name in BACKENDS:
+        ok, why = availability(name)
+        print(f"{name:<11} {'yes' if ok else 'no':<7} {why}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="contrastive-kernels",
+                                     description="Fused contrastive-loss kernels: tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, devices, usable backends")
+    sub.add_parser("bench", help="benchmark the fused losses against the dense implementation "
+                   "(see `bench --help`)", add_help=False)
+    exp = sub.add_parser("experiment", help="run a paper experiment", add_help=False)
+    exp.add_argument("name", nargs="?", choices=sorted(EXPERIMENTS))
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "info":
+        return info()
+    if args.command == "bench":
+        from contrastive_kernels.bench import main as bench_main
+        return bench_main(rest)
+    if args.name is None:
+        print(f"usage: contrastive-kernels experiment {{{','.join(sorted(EXPERIMENTS))}}} [options]")
+        return 2
+    return importlib.import_module(EXPERIMENTS[args.name]).main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
