@@ -155,12 +155,15 @@ def availability(name: str) -> tuple[bool, str]:
     """(usable, reason-if-not) for a backend on this machine, independent of any tensor."""
     if name in ("reference", "chunked"):
         return True, ""
-    if name == "cpu":
-        from . import _native
-        return _native.load()
-    if name == "cuda":
-        from . import _native
+    if name in ("cpu", "cuda"):
+        try:
+            from . import _native
+        except Exception as exc:  # a broken install is reported, never raised
+            return False, f"contrastive_kernels._native failed to import: {exc}"
         ok, why = _native.load()
+    if name == "cpu":
+        return ok, why
+    if name == "cuda":
         if not ok:
             return False, why
         if not _native.has_cuda_kernels():
@@ -190,6 +193,9 @@ def _device_ok(name: str, device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
+# Resolution is pure host-side bookkeeping (imports, env vars): under torch.compile it runs once at
+# trace time and its answer is a constant of the graph, so fullgraph=True sees no graph break.
+@torch.compiler.assume_constant_result
 def resolve(name: str, device: torch.device, dtype: torch.dtype) -> str:
     """The concrete backend for ``name`` (which may be ``"auto"``) on tensors of this device/dtype.
 
