@@ -14,7 +14,19 @@ __version__ = "0.1.0"
 from . import reference
 from .backends import BACKEND_CHOICES, availability
 from .functional import clip_loss, gamma_contrastive_loss, info_nce, lse_stats
+from .gamma import GammaContrastiveLoss
+from .modality import (
+    DEFAULT_WEIGHTS,
+    ModalityStructureLoss,
+    brownian_bridge_loss,
+    feature_separation_loss,
+    geometric_consistency_loss,
+    modality_contrastive_loss,
+    uniformity_loss,
+)
 from .modules import ClipLoss, InfoNCELoss
+from . import distributed
+from .distributed import DistributedGammaContrastiveLoss, RingClipLoss, ring_lse_stats
 
 __all__ = [
     "__version__",
@@ -26,5 +38,17 @@ __all__ = [
     "lse_stats",
     "ClipLoss",
     "InfoNCELoss",
+    "GammaContrastiveLoss",
+    "geometric_consistency_loss",
+    "brownian_bridge_loss",
+    "feature_separation_loss",
+    "uniformity_loss",
+    "modality_contrastive_loss",
+    "ModalityStructureLoss",
+    "DEFAULT_WEIGHTS",
+    "distributed",
+    "RingClipLoss",
+    "ring_lse_stats",
+    "DistributedGammaContrastiveLoss",
     "reference",
 ]
