@@ -1,0 +1,331 @@
+"""Triton backend callables (contrastive_kernels/triton_kernels) against a dense float64 formula.
+
+On a CPU-only machine these run in triton's interpreter (TRITON_INTERPRET=1, set by conftest.py and
+defensively here): float32/float16 only, sides <= ~256. The GPU-only tests at N = M = 32768 are
+marked ``gpu`` and skipped without CUDA.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from contrastive_kernels import triton_kernels as tk  # noqa: E402
+from contrastive_kernels.triton_kernels import lse_bwd_triton, lse_fwd_triton  # noqa: E402
+from contrastive_kernels.triton_kernels import lse as tl_lse  # noqa: E402
+from helpers import assert_relative_rule  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+DTYPES = (torch.float32, torch.float16)  # the interpreter computes bfloat16 wrongly
+
+
+def dense(q, k, s, labels, compute_col, gr, gc, gp, dtype):
+    """Every output of the op family, materialising S in ``dtype`` (float64: the ground truth)."""
+    q, k = q.to(dtype), k.to(dtype)
+    S = (s * (q @ k.T)).to(dtype)
+    N = S.shape[0]
+    lab = labels if labels is not None else torch.arange(N, device=S.device)
+    r = torch.logsumexp(S, 1)
+    c = torch.logsumexp(S, 0) if compute_col else S.new_zeros(0)
+    pos = S[torch.arange(N, device=S.device), lab]
+    G = torch.zeros_like(S)
+    if gr is not None:
+        G = G + gr.to(dtype)[:, None] * torch.exp(S - r[:, None])
+    if gc is not None:
+        G = G + gc.to(dtype)[None, :] * torch.exp(S - c[None, :])
+    if gp is not None:
+        G = G.index_put((torch.arange(N, device=S.device), lab), gp.to(dtype), accumulate=True)
+    return r, c, pos, s * (G @ k), s * (G.T @ q)
+
+
+def inputs(N, M, D, dtype, *, seed=0, labels="auto", norm=1.0, normalize=True, scale=10.0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(N, D, generator=g, dtype=torch.float64)
+    k = torch.randn(M, D, generator=g, dtype=torch.float64)
+    if normalize:
+        q = norm * q / q.norm(dim=1, keepdim=True)
+        k = norm * k / k.norm(dim=1, keepdim=True)
+    q, k = q.to(dtype).to(DEV), k.to(dtype).to(DEV)
+    if labels == "auto":
+        labels = "rand" if M < N else None
+    if labels == "rand":
+        labels = torch.randint(0, M, (N,), generator=g)
+        labels[-1] = M - 1  # a positive in the last (ragged) column tile
+        labels = labels.to(DEV)
+    grads = [torch.randn(n, generator=g, dtype=torch.float64).to(torch.float32).to(DEV) / n
+             for n in (N, M, N)]
+    s = torch.tensor(scale, dtype=torch.float32, device=DEV)
+    return q, k, s, labels, grads
+
+
+def run(q, k, s, labels, compute_col, gr, gc, gp):
+    r, c, pos = lse_fwd_triton(q, k, s, labels, compute_col)
+    gq, gk = lse_bwd_triton(q, k, s, labels, r, c, gr, gc if compute_col else None, gp)
+    return r, c, pos, gq, gk
+
+
+def check(q, k, s, labels, compute_col, gr, gc, gp, dtype, outs=None):
+    outs = outs if outs is not None else run(q, k, s, labels, compute_col, gr, gc, gp)
+    gc = gc if compute_col else None
+    sv = float(s)
+    gt = dense(q.double(), k.double(), sv, labels, compute_col, gr, gc, gp, torch.float64)
+    same = dense(q, k, sv, labels, compute_col, gr, gc, gp, dtype)
+    names = ("row_lse", "col_lse", "pos", "grad_query", "grad_keys")
+    for name, o, ref, g in zip(names, outs, same, gt):
+        assert o.dtype == torch.float32, f"{name}: {o.dtype}"
+        assert o.shape == g.shape, f"{name}: {tuple(o.shape)} vs {tuple(g.shape)}"
+        if o.numel():
+            assert_relative_rule(o.cpu(), ref.cpu(), g.cpu(), dtype, name=name)
+    return outs
+
+
+SHAPES = [(1, 1, 1), (1, 7, 37), (7, 1, 130), (7, 7, 7), (37, 130, 7), (130, 37, 37),
+          (130, 130, 130), (37, 37, 1), (130, 7, 37), (7, 130, 130)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,M,D", SHAPES)
+def test_against_dense(N, M, D, dtype):
+    q, k, s, labels, (gr, gc, gp) = inputs(N, M, D, dtype)
+    check(q, k, s, labels, True, gr, gc, gp, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,M,D", [(37, 130, 37), (130, 130, 7)])
+def test_labels(N, M, D, dtype):
+    q, k, s, labels, (gr, gc, gp) = inputs(N, M, D, dtype, labels="rand", seed=3)
+    check(q, k, s, labels, True, gr, gc, gp, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_compute_col_false(dtype):
+    q, k, s, labels, (gr, gc, gp) = inputs(70, 37, 37, dtype, seed=4)
+    r, c, pos = lse_fwd_triton(q, k, s, labels, False)
+    assert c.shape == (0,)
+    gq, gk = lse_bwd_triton(q, k, s, labels, r, c, gr, None, gp)
+    check(q, k, s, labels, False, gr, gc, gp, dtype, outs=(r, c, pos, gq, gk))
+
+
+@pytest.mark.parametrize("which", ["row", "col", "pos", "row+pos", "col+pos", "row+col"])
+def test_grad_none(which):
+    q, k, s, labels, (gr, gc, gp) = inputs(37, 70, 20, torch.float32, seed=5)
+    r, c, pos = lse_fwd_triton(q, k, s, labels, True)
+    gr = gr if "row" in which else None
+    gc = gc if "col" in which else None
+    gp = gp if "pos" in which else None
+    # col_lse is not read when grad_col is None: poison it
+    c_in = c if gc is not None else torch.full_like(c, float("nan"))
+    gq, gk = lse_bwd_triton(q, k, s, labels, r, c_in, gr, gc, gp)
+    check(q, k, s, labels, True, gr, gc, gp, torch.float32, outs=(r, c, pos, gq, gk))
+
+
+def test_all_grads_none_is_zero():
+    q, k, s, labels, _ = inputs(7, 9, 5, torch.float32)
+    r, c, _ = lse_fwd_triton(q, k, s, labels, True)
+    gq, gk = lse_bwd_triton(q, k, s, labels, r, c, None, None, None)
+    assert gq.shape == (7, 5) and gk.shape == (9, 5)
+    assert not gq.any() and not gk.any()
+
+
+# Host-side variants: each one takes a different kernel path (column splits with atomic dQ, a
+# D-chunk loop, the CAS column merge, the row-chunked partial buffer, two-pass and gemm backward,
+# small row blocks). M = 600 so that three 256-aligned column splits exist.
+VARIANTS = {
+    "split": dict(split=3),
+    "chunked_d": dict(fwd_max_single_d=16, bwd_max_single_d=16, chunk_d=16),
+    "split_chunked_d": dict(split=3, fwd_max_single_d=16, bwd_max_single_d=16, chunk_d=16),
+    "col_atomic": dict(col_reduce="atomic"),
+    "partial_multi_launch": dict(col_reduce="partial", partial_budget_bytes=1),
+    "two_pass": dict(bwd_mode="two_pass", split=3),
+    "gemm": dict(bwd_mode="gemm", gemm_min_rows=16, gemm_budget_bytes=1),
+    "block16": dict(fwd_block_m=16, bwd_block_m=16),
+    "deterministic": dict(deterministic=True, partial_budget_bytes=1, split=2),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variants(variant, dtype):
+    N, M, D = (70, 600, 37) if "split" in variant or variant in ("two_pass", "deterministic") else (70, 90, 37)
+    q, k, s, labels, (gr, gc, gp) = inputs(N, M, D, dtype, labels="rand", seed=6)
+    with tl_lse.tuning(**VARIANTS[variant]):
+        outs = run(q, k, s, labels, True, gr, gc, gp)
+    check(q, k, s, labels, True, gr, gc, gp, dtype, outs=outs)
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(split=2, bwd_max_single_d=16, chunk_d=16)],
+                         ids=["two_pass", "split_gemm"])
+def test_deterministic_bitwise(variant):
+    q, k, s, labels, (gr, gc, gp) = inputs(70, 600, 37, torch.float32, labels="rand", seed=7)
+    with tl_lse.tuning(deterministic=True, **variant):
+        a = run(q, k, s, labels, True, gr, gc, gp)
+        b = run(q, k, s, labels, True, gr, gc, gp)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("scale,norm", [(100.0, 1.0), (30.0, 4.0)])
+def test_large_logits(scale, norm):
+    # |S| up to 480: any unshifted exp would overflow float32
+    q, k, s, labels, (gr, gc, gp) = inputs(37, 70, 20, torch.float32, scale=scale, norm=norm, seed=8)
+    outs = run(q, k, s, labels, True, gr, gc, gp)
+    for o in outs:
+        assert bool(torch.isfinite(o).all())
+    check(q, k, s, labels, True, gr, gc, gp, torch.float32, outs=outs)
+
+
+def test_unnormalised_float16_small_grads():
+    # grads ~1/(2N·M)-sized entries of G would flush to zero in fp16 without the power-of-two rescale
+    q, k, s, labels, (gr, gc, gp) = inputs(37, 70, 20, torch.float16, normalize=False, scale=0.5)
+    gr, gc, gp = gr * 1e-4, gc * 1e-4, gp * 1e-4
+    check(q, k, s, labels, True, gr, gc, gp, torch.float16)
+
+
+@pytest.mark.skipif(CUDA, reason="the bfloat16 upcast is an interpreter-only path")
+def test_bfloat16_interpreter_upcast():
+    q, k, s, labels, (gr, gc, gp) = inputs(20, 30, 16, torch.bfloat16)
+    a = run(q, k, s, labels, True, gr, gc, gp)
+    b = run(q.float(), k.float(), s, labels, True, gr, gc, gp)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_available():
+    ok, why = tk.available()
+    assert isinstance(ok, bool) and isinstance(why, str) and why
+    assert ok
+
+
+def test_tuning_validation():
+    with tl_lse.tuning(col_reduce="bogus"):
+        with pytest.raises(ValueError, match="col_reduce"):
+            tl_lse.current_tuning()
+    with pytest.raises(ValueError, match="unknown tuning"):
+        with tl_lse.tuning(nope=1):
+            pass
+
+
+def test_float64_rejected():
+    q = torch.randn(4, 3, dtype=torch.float64, device=DEV)
+    with pytest.raises(TypeError, match="float64"):
+        lse_fwd_triton(q, q, torch.tensor(1.0, device=DEV), None, True)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU only
+# ------------------------------------------------------------------------------------------------
+
+def _blocked_reference(q, k, s, labels, gr, gc, gp, block=4096):
+    """float64 ground truth on the GPU without an N×M float64 matrix: blocks of rows."""
+    q64, k64 = q.double(), k.double()
+    N, M = q.shape[0], k.shape[0]
+    lab = labels if labels is not None else torch.arange(N, device=q.device)
+    r = torch.empty(N, dtype=torch.float64, device=q.device)
+    c = torch.full((M,), float("-inf"), dtype=torch.float64, device=q.device)
+    for i in range(0, N, block):
+        S = s * (q64[i:i + block] @ k64.T)
+        r[i:i + block] = torch.logsumexp(S, 1)
+        c = torch.logaddexp(c, torch.logsumexp(S, 0))
+    pos = s * (q64 * k64[lab]).sum(1)
+    gq = torch.empty_like(q64)
+    gk = torch.zeros_like(k64)
+    for i in range(0, N, block):
+        S = s * (q64[i:i + block] @ k64.T)
+        G = gr.double()[i:i + block, None] * torch.exp(S - r[i:i + block, None])
+        G += gc.double()[None, :] * torch.exp(S - c[None, :])
+        rows = torch.arange(i, min(N, i + block), device=q.device)
+        G[rows - i, lab[rows]] += gp.double()[rows]
+        gq[i:i + block] = s * (G @ k64)
+        gk += s * (G.T @ q64[i:i + block])
+    return r, c, pos, gq, gk
+
+
+def _rel(a, b):
+    return float((a.double() - b).norm() / b.norm().clamp_min(1e-30))
+
+
+GPU_TOL = {torch.bfloat16: (1e-5, 2e-2), torch.float16: (1e-5, 5e-3), torch.float32: (1e-4, 5e-3)}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gpu_large(dtype):
+    N = M = 32768
+    D = 512
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(N, D, device="cuda", generator=g), dim=1).to(dtype)
+    k = torch.nn.functional.normalize(torch.randn(M, D, device="cuda", generator=g), dim=1).to(dtype)
+    s = torch.tensor(100.0, device="cuda")
+    gr = torch.full((N,), 1 / (2 * N), device="cuda")
+    gc = torch.full((M,), 1 / (2 * N), device="cuda")
+    gp = torch.full((N,), -1 / N, device="cuda")
+    outs = run(q, k, s, None, True, gr, gc, gp)
+    ref = _blocked_reference(q, k, 100.0, None, gr, gc, gp)
+    stat_tol, grad_tol = GPU_TOL[dtype]
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        stat_tol = 2e-3  # tf32 tiles
+    for name, o, r in zip(("row_lse", "col_lse", "pos", "grad_query", "grad_keys"), outs, ref):
+        tol = stat_tol if name in ("row_lse", "col_lse", "pos") else grad_tol
+        assert _rel(o, r) < tol, f"{name} [{dtype}]: relative error {_rel(o, r):.2e} >= {tol}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("D", [128, 512])
+def test_gpu_deterministic(D):
+    N = M = 8192
+    q = torch.randn(N, D, device="cuda").to(torch.bfloat16)
+    k = torch.randn(M, D, device="cuda").to(torch.bfloat16)
+    s = torch.tensor(20.0, device="cuda")
+    gr, gc, gp = (torch.randn(n, device="cuda") / n for n in (N, M, N))
+    with tl_lse.tuning(deterministic=True):
+        a = run(q, k, s, None, True, gr, gc, gp)
+        b = run(q, k, s, None, True, gr, gc, gp)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["atomic", "partial"])
+def test_gpu_col_reduce_modes_agree(mode):
+    N, M, D = 8192, 16384, 256
+    q = torch.randn(N, D, device="cuda").to(torch.bfloat16)
+    k = torch.randn(M, D, device="cuda").to(torch.bfloat16)
+    s = torch.tensor(20.0, device="cuda")
+    with tl_lse.tuning(col_reduce="partial"):
+        ref = lse_fwd_triton(q, k, s, None, True)
+    with tl_lse.tuning(col_reduce=mode):
+        out = lse_fwd_triton(q, k, s, None, True)
+    for x, y in zip(out, ref):
+        assert _rel(x, y) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_gpu_no_quadratic_memory():
+    N = M = 32768
+    D = 512
+    q = torch.randn(N, D, device="cuda").to(torch.bfloat16)
+    k = torch.randn(M, D, device="cuda").to(torch.bfloat16)
+    s = torch.tensor(50.0, device="cuda")
+    gr, gc, gp = (torch.randn(n, device="cuda") / n for n in (N, M, N))
+    run(q, k, s, None, True, gr, gc, gp)  # warm-up: autotuning allocates its own buffers
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run(q, k, s, None, True, gr, gc, gp)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < N * M // 4, f"{extra / 2**20:.0f} MiB extra: an O(N·M) buffer crept in"
