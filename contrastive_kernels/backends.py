@@ -50,14 +50,20 @@ def _reference_fwd(query, keys, scale, labels, compute_col):
     return torch.logsumexp(s, dim=1), col, pos
 
 
-def _logit_grad(s: Tensor, row_lse, col_lse, grad_row, grad_col, grad_pos, cols, row_offset: int):
-    """G = ∂L/∂S for one block of rows [row_offset, row_offset + s.shape[0])."""
+def _logit_grad_(s: Tensor, row_lse, col_lse, grad_row, grad_col, grad_pos, cols, row_offset: int):
+    """G = ∂L/∂S for one block of rows [row_offset, row_offset + s.shape[0]).
+
+    Consumes ``s`` (it is overwritten) so that at most two blocks of S-sized memory are alive.
+    """
     rows = slice(row_offset, row_offset + s.shape[0])
-    g = torch.zeros_like(s)
+    g = None
     if grad_row is not None:
-        g += grad_row[rows, None] * torch.exp(s - row_lse[rows, None])
+        g = torch.sub(s, row_lse[rows, None]).exp_().mul_(grad_row[rows, None])
     if grad_col is not None:
-        g += grad_col[None, :] * torch.exp(s - col_lse[None, :])
+        col_term = s.sub_(col_lse[None, :]).exp_().mul_(grad_col[None, :])
+        g = col_term if g is None else g.add_(col_term)
+    if g is None:
+        g = s.zero_()
     if grad_pos is not None:
         local = torch.arange(s.shape[0], device=s.device)
         g.index_put_((local, cols[rows]), grad_pos[rows], accumulate=True)
@@ -70,7 +76,7 @@ def _reference_bwd(query, keys, scale, labels, row_lse, col_lse, grad_row, grad_
     q, k = query.to(st), keys.to(st)
     s = sc * (q @ k.T)
     cols = _positive_columns(query.shape[0], labels, query.device)
-    g = _logit_grad(s, row_lse, col_lse, grad_row, grad_col, grad_pos, cols, 0)
+    g = _logit_grad_(s, row_lse, col_lse, grad_row, grad_col, grad_pos, cols, 0)
     return sc * (g @ k), sc * (g.T @ q)
 
 
@@ -113,7 +119,7 @@ def _chunked_bwd(query, keys, scale, labels, row_lse, col_lse, grad_row, grad_co
     for start in range(0, n, block):
         q = query[start:start + block].to(st)
         s = sc * (q @ k.T)
-        g = _logit_grad(s, row_lse, col_lse, grad_row, grad_col, grad_pos, cols, start)
+        g = _logit_grad_(s, row_lse, col_lse, grad_row, grad_col, grad_pos, cols, start)
         grad_q[start:start + block] = sc * (g @ k)
         grad_k.addmm_(g.T, q)
     return grad_q, grad_k.mul_(sc)

@@ -62,6 +62,10 @@ def _scale_tensor(logit_scale: ScaleLike, like: Tensor) -> Tensor:
             raise ValueError(f"logit_scale must hold one value, got shape {tuple(logit_scale.shape)}")
         if not logit_scale.is_floating_point():
             raise TypeError(f"logit_scale must be a floating-point tensor, got {logit_scale.dtype}")
+        # A CPU scalar is moved to the features' device (cheap); any other mismatch is an error.
+        if logit_scale.device != like.device and logit_scale.device.type != "cpu":
+            raise ValueError(f"logit_scale is on {logit_scale.device} but the features are on "
+                             f"{like.device}")
         if not _compiling():
             value = float(logit_scale.detach().reshape(()))
             if not math.isfinite(value) or value <= 0:
