@@ -25,7 +25,7 @@ $(STAMP): $(NATIVE_SRC)
 	@# open_clip is used only through its loss.py (parity tests, the open_clip bench provider);
 	@# --no-deps keeps torchvision and a second torch out.
 	$(PY) -m pip install -q --no-deps open_clip_torch
-	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install -q --no-build-isolation -e ".[test,bench,experiments]"
 	touch $(STAMP)
 
 setup: $(STAMP)
