@@ -31,18 +31,23 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _check_matrix(name: str, t) -> None:
+    """One feature matrix: a non-empty 2-D floating tensor (batch, dim). Shared by every module."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(t.shape)}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float64, float32, float16 or bfloat16, got {t.dtype}")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch: shape {tuple(t.shape)}")
+    if t.shape[1] == 0:
+        raise ValueError(f"{name} has feature dimension 0: shape {tuple(t.shape)}")
+
+
 def _check_features(name_q: str, query, name_k: str, keys) -> None:
-    for name, t in ((name_q, query), (name_k, keys)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float64, float32, float16 or bfloat16, got {t.dtype}")
-        if t.shape[0] == 0:
-            raise ValueError(f"{name} is an empty batch: shape {tuple(t.shape)}")
-        if t.shape[1] == 0:
-            raise ValueError(f"{name} has feature dimension 0: shape {tuple(t.shape)}")
+    _check_matrix(name_q, query)
+    _check_matrix(name_k, keys)
     if query.shape[1] != keys.shape[1]:
         raise ValueError(f"feature dimensions differ: {name_q} {tuple(query.shape)} vs "
                          f"{name_k} {tuple(keys.shape)}")

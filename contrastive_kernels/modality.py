@@ -41,7 +41,6 @@ __all__ = [
     "DEFAULT_WEIGHTS",
 ]
 
-_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 ScaleLike = Union[float, int, Tensor]
 
 # P2 does not give its weights in the main text; math.md §4: start at 1.0, 0.25 for GC (CyCLIP).
@@ -59,16 +58,7 @@ def _check_same(**tensors: Optional[Tensor]) -> tuple[int, int]:
     """All given tensors: 2-D float, non-empty, one shape (N, D), one dtype, one device."""
     first_name, first = None, None
     for name, x in tensors.items():
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(x.shape)}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float64, float32, float16 or bfloat16, got {x.dtype}")
-        if x.shape[0] == 0:
-            raise ValueError(f"{name} is an empty batch: shape {tuple(x.shape)}")
-        if x.shape[1] == 0:
-            raise ValueError(f"{name} has feature dimension 0: shape {tuple(x.shape)}")
+        F._check_matrix(name, x)
         if first is None:
             first_name, first = name, x
             continue
