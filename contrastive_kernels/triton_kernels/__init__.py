@@ -16,25 +16,27 @@ __all__ = ["available", "lse_fwd_triton", "lse_bwd_triton"]
 
 def available() -> tuple[bool, str]:
     """(usable, reason). True on CUDA when triton imports; on CPU only when TRITON_INTERPRET=1."""
+    import importlib.util
+
+    import torch
+
     try:
-        import torch
-    except Exception as e:  # pragma: no cover
-        return False, f"torch import failed: {e}"
-    if torch.cuda.is_available():
-        try:
-            import triton
-        except Exception as e:
-            return False, f"triton is not importable ({type(e).__name__}: {e}); pip install triton"
-        if os.environ.get("TRITON_INTERPRET", "0") == "1":
-            return True, f"triton {triton.__version__} in interpreter mode (TRITON_INTERPRET=1): CPU tensors only"
-        return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        installed = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a module entry of None (deliberately blocked) or broken
+        installed = False
+    if not installed:
+        return False, "triton is not installed (pip install triton; Linux only)"
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if not torch.cuda.is_available() and not interpret:
         return False, "no CUDA device, and TRITON_INTERPRET is not 1 (the triton interpreter runs CPU tensors)"
     try:
         import triton
     except Exception as e:
-        return False, f"triton is not importable ({type(e).__name__}: {e}); pip install triton"
-    return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1) on CPU tensors; slow, for testing"
+        return False, f"triton is not importable ({type(e).__name__}: {e})"
+    if interpret:
+        return True, (f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1): CPU tensors only; "
+                      "slow, for testing")
+    return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
 
 
 def _impl():
