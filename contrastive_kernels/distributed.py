@@ -223,7 +223,7 @@ class _RingLSE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, query, keys, scale, compute_col, backend, group, sizes):
+    def forward(ctx, query, keys, scale, compute_col, backend, group, sizes, exact_scale_grad):
         ring = _Ring(group)
         w, r = ring.world, ring.rank
         n, d = query.shape
@@ -262,6 +262,7 @@ class _RingLSE(torch.autograd.Function):
             col = query.new_empty((0,), dtype=st)
         ctx.save_for_backward(query, keys, scale, row, col)
         ctx.compute_col, ctx.backend, ctx.group, ctx.sizes = compute_col, backend, group, sizes
+        ctx.exact_scale_grad = exact_scale_grad
         return row, col, pos
 
     @staticmethod
@@ -278,6 +279,13 @@ class _RingLSE(torch.autograd.Function):
         cur_k = keys
         cur_stats = torch.stack([col_lse, grad_col.to(st)]) if compute_col else None
         grad_q = torch.zeros(n, d, dtype=st, device=query.device)
+        # exact: split each block's Σ G·S into the part of this rank's loss (row and positive
+        # terms of our rows) and the part of the key owner's loss (column terms), which travels
+        # home as one extra element behind the key-gradient accumulator. It costs a second
+        # lse_bwd per block; without it each rank keeps the whole Σ G·S of the blocks it computed.
+        exact = ctx.exact_scale_grad and ctx.needs_input_grad[2] and compute_col
+        q_st = query.to(st)
+        own_share = row_lse.new_zeros(())
         acc_in, acc_works = None, []
         for k in range(w):
             b = (r - k) % w
@@ -290,34 +298,53 @@ class _RingLSE(torch.autograd.Function):
                     nxt_stats = row_lse.new_empty((2, m_next))
                     pairs.append((cur_stats, nxt_stats, ring.STATS))
                 pkt_works = ring.exchange(pairs)
-            gq, gk = ops.lse_bwd(query, cur_k, scale,
-                                 _block_labels(n, cur_k.shape[0], b == r, query.device),
-                                 row_lse, cur_stats[0] if compute_col else row_lse.new_empty(0),
-                                 grad_row, cur_stats[1] if compute_col else None,
-                                 grad_pos if b == r else None, ctx.backend)
+            labels = _block_labels(n, cur_k.shape[0], b == r, query.device)
+            col_lse_b = cur_stats[0] if compute_col else row_lse.new_empty(0)
+            grad_col_b = cur_stats[1] if compute_col else None
+            grad_pos_b = grad_pos if b == r else None
+            if exact:
+                gq, gk = ops.lse_bwd(query, cur_k, scale, labels, row_lse, col_lse_b,
+                                     grad_row, None, grad_pos_b, ctx.backend)
+                gq_col, gk_col = ops.lse_bwd(query, cur_k, scale, labels, row_lse, col_lse_b,
+                                             None, grad_col_b, None, ctx.backend)
+                own_share += (gq * q_st).sum()
+                owner_share = (gq_col * q_st).sum()
+                gq += gq_col
+                gk = torch.cat([gk.add_(gk_col).reshape(-1), owner_share.reshape(1)])
+            else:
+                gq, gk = ops.lse_bwd(query, cur_k, scale, labels, row_lse, col_lse_b,
+                                     grad_row, grad_col_b, grad_pos_b, ctx.backend)
             grad_q += gq
             if k > 0:
                 # Key-gradient accumulator of block b, holding the terms of ranks b..r−1.
                 _wait(acc_works)
                 gk = acc_in.add_(gk)
-            acc_in = row_lse.new_empty((sizes[(b - 1) % w][1], d))
+            m_next_acc = sizes[(b - 1) % w][1]
+            acc_in = row_lse.new_empty((m_next_acc * d + 1,) if exact else (m_next_acc, d))
             acc_works = ring.exchange([(gk, acc_in, ring.ACC)])
             _wait(pkt_works)
             if nxt_k is not None:
                 cur_k, cur_stats = nxt_k, nxt_stats
         _wait(acc_works)
-        grad_k = acc_in                          # our own keys' gradient, home after W hops
+        # Our own keys' gradient, home after W hops (in exact mode followed by the column share
+        # of our loss that the other ranks computed).
+        grad_k = acc_in[:-1].view(keys.shape[0], d) if exact else acc_in
         grad_scale = None
         if ctx.needs_input_grad[2]:
-            # Σ over the blocks this rank computed of Σ_ij G_ij·S_ij / s (see ring_clip_loss).
-            grad_scale = ((grad_q * query.to(st)).sum() / scale.to(st)).to(scale.dtype)
-            grad_scale = grad_scale.reshape(scale.shape)
+            if exact:
+                # ∂loss_r/∂s: row + positive terms of our rows, column terms of our keys.
+                total = own_share + acc_in[-1]
+            else:
+                # Σ over the blocks this rank computed of Σ_ij G_ij·S_ij (see ring_clip_loss).
+                total = (grad_q * q_st).sum()
+            grad_scale = (total / scale.to(st)).to(scale.dtype).reshape(scale.shape)
         return (grad_q.to(query.dtype), grad_k.to(keys.dtype), grad_scale,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def ring_lse_stats(query: Tensor, keys: Tensor, logit_scale, *, compute_col: bool = True,
-                   group=None, backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+                   group=None, backend: str = "auto",
+                   exact_scale_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Distributed :func:`contrastive_kernels.lse_stats` over the rows/columns of all ranks.
 
     The global matrix is ``S = s·Q·Kᵀ`` with ``Q = cat_r query_r`` and ``K = cat_r keys_r`` (in rank
@@ -335,7 +362,10 @@ def ring_lse_stats(query: Tensor, keys: Tensor, logit_scale, *, compute_col: boo
     inputs, the gradient of ``Σ_r' loss_r'`` — the sum of the losses all ranks built from their
     statistics — w.r.t. that rank's rows (features). ``logit_scale`` gets this rank's share of
     ``∂(Σ_r' loss_r')/∂s``, namely ``Σ_ij G_ij·S_ij / s`` over the blocks ``(Q_r, K_b)`` this rank
-    computed; the shares sum over ranks to the full derivative.
+    computed; the shares sum over ranks to the full derivative. With ``exact_scale_grad=True`` it
+    gets instead exactly ``∂loss_r/∂s`` of this rank's own loss (row and positive terms of its
+    rows, column terms of its keys, the latter computed on the other ranks and sent home), at the
+    cost of a second ``lse_bwd`` per block in the backward.
     """
     _require_initialized("ring_lse_stats")
     functional._check_features("query", query, "keys", keys)
@@ -348,11 +378,11 @@ def ring_lse_stats(query: Tensor, keys: Tensor, logit_scale, *, compute_col: boo
     if dist.get_world_size(group) == 1:
         return ops.lse_fwd(query.contiguous(), keys.contiguous(), sc, None, compute_col, name)
     return _RingLSE.apply(query.contiguous(), keys.contiguous(), sc, compute_col, name, group,
-                          sizes)
+                          sizes, exact_scale_grad)
 
 
 def ring_clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
-                   *, group=None, backend: str = "auto") -> Tensor:
+                   *, group=None, backend: str = "auto", exact_scale_grad: bool = False) -> Tensor:
     """Gather-free distributed CLIP loss: open_clip's ``local_loss=True, gather_with_grad=True``.
 
     Per rank r (N_r local pairs, ``N_tot`` pairs in the world):
@@ -370,6 +400,8 @@ def ring_clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, l
       from open_clip's ``∂L_r/∂s`` (that split would cost a second backward pass per block), but
       the **sum over ranks is identical**, ``Σ_r ∂L_r/∂s = W·∂L/∂s``, so after DDP's all-reduce
       average every rank holds the same ``∂L/∂s`` as with open_clip's (True, True) setting.
+      ``exact_scale_grad=True`` gives open_clip's per-rank ``∂L_r/∂s`` exactly, for a second
+      ``lse_bwd`` per block (the backward's work doubles).
 
     ``logit_bias`` cancels in the softmax: the value is unchanged and its gradient is exactly 0.
     """
@@ -379,7 +411,7 @@ def ring_clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, l
                          f"image_features {tuple(image_features.shape)} vs text_features "
                          f"{tuple(text_features.shape)}")
     row, col, pos = ring_lse_stats(image_features, text_features, logit_scale, compute_col=True,
-                                   group=group, backend=backend)
+                                   group=group, backend=backend, exact_scale_grad=exact_scale_grad)
     loss = 0.5 * ((row - pos).mean() + (col - pos).mean())
     return _zero_bias_term(loss, logit_bias)
 
@@ -392,15 +424,17 @@ class RingClipLoss(nn.Module):
     rank=r, world_size=W, ring=True)``.
     """
 
-    def __init__(self, *, group=None, backend: str = "auto"):
+    def __init__(self, *, group=None, backend: str = "auto", exact_scale_grad: bool = False):
         super().__init__()
         self.group = group
         self.backend = backend
+        self.exact_scale_grad = exact_scale_grad
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
                 logit_bias=None, output_dict: bool = False):
         loss = ring_clip_loss(image_features, text_features, logit_scale, logit_bias,
-                              group=self.group, backend=self.backend)
+                              group=self.group, backend=self.backend,
+                              exact_scale_grad=self.exact_scale_grad)
         return {"contrastive_loss": loss} if output_dict else loss
 
 

@@ -153,6 +153,9 @@ def _check_ring_equals_gather(rank, w):
     reference.clip_loss(I, T, s).backward()
     _close(_all_reduce_sum(ring[3]), w * s.grad, f"W={w} ring: Σ_r grad s = W·∂L/∂s")
     _close(ring[1], w * I.grad[rank * n:(rank + 1) * n], f"W={w} ring: grad image = W·∂L/∂I_r")
+    exact = _run(ckd.RingClipLoss(backend="chunked", exact_scale_grad=True), img, txt, scale)
+    for name, a, b in zip(("loss", "grad image", "grad text", "grad logit_scale"), exact[:4], gath[:4]):
+        _close(a, b, f"W={w} rank={rank} exact_scale_grad ring vs gather: {name}")
 
 
 def _check_ring_uneven(rank, w):
