@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
-import importlib.util
 import math
 import os
 import subprocess
@@ -61,22 +60,10 @@ ACCEPT = dict(n=32768, d=512, dtype="bf16")
 
 def _open_clip_loss(path: Optional[str]):
     """open_clip's ClipLoss class from loss.py by file path, or (None, reason)."""
-    if path is None:
-        try:
-            spec = importlib.util.find_spec("open_clip")
-        except (ImportError, ValueError):
-            spec = None
-        if spec is not None and spec.submodule_search_locations:
-            path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
-    if path is None or not os.path.isfile(path):
-        return None, "open_clip not installed"
-    try:
-        s = importlib.util.spec_from_file_location("_ck_sweep_open_clip_loss", path)
-        mod = importlib.util.module_from_spec(s)
-        s.loader.exec_module(mod)
-        return mod.ClipLoss, path
-    except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
-        return None, f"loading {path} failed: {type(e).__name__}: {e}"
+    from contrastive_kernels.bench import load_open_clip_loss
+
+    module, why = load_open_clip_loss(path)
+    return (module.ClipLoss, path or "open_clip/loss.py") if module is not None else (None, why)
 
 
 def _dense_inline(img, txt, s):

@@ -65,16 +65,11 @@ def timeit(fn, reps: int, clock: str, min_util: float = 0.0,
 
 
 def _open_clip_loss_cls():
-    # open_clip's loss.py by file path: importing the package needs torchvision, the loss does not.
-    import importlib.util
+    from contrastive_kernels.bench import load_open_clip_loss
 
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("--open-clip: open_clip is not installed")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
-    loss_spec = importlib.util.spec_from_file_location("_tune_open_clip_loss", path)
-    module = importlib.util.module_from_spec(loss_spec)
-    loss_spec.loader.exec_module(module)
+    module, why = load_open_clip_loss()
+    if module is None:
+        sys.exit(f"--open-clip: {why}")
     return module.ClipLoss
 
 

@@ -79,13 +79,34 @@ def _open_clip_loss_path() -> Optional[str]:
     return None
 
 
+_OPEN_CLIP_LOSS_MODULES: dict = {}
+
+
+def load_open_clip_loss(path: Optional[str] = None):
+    """open_clip's ``loss`` module, loaded from its file: ``(module, "")`` or ``(None, reason)``.
+
+    Importing the ``open_clip`` package pulls in torchvision (absent on CPU images); its loss.py needs
+    only torch. ``path`` overrides where loss.py is looked for. The one loader the benchmarks, the
+    GPU sweep and the tests share; it never raises.
+    """
+    path = path or _open_clip_loss_path()
+    if path is None or not os.path.isfile(path):
+        return None, "open_clip (open_clip_torch) is not installed"
+    if path not in _OPEN_CLIP_LOSS_MODULES:
+        try:
+            spec = importlib.util.spec_from_file_location("_ck_open_clip_loss", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        except Exception as exc:  # reported to the caller, who skips or fails with it
+            return None, f"loading {path} failed: {type(exc).__name__}: {exc}"
+        _OPEN_CLIP_LOSS_MODULES[path] = module
+    return _OPEN_CLIP_LOSS_MODULES[path], ""
+
+
 def _load_open_clip_loss() -> Callable:
-    path = _open_clip_loss_path()
-    if path is None:
-        raise RuntimeError("open_clip is not installed (no open_clip/loss.py found)")
-    spec = importlib.util.spec_from_file_location("_ck_bench_open_clip_loss", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module, why = load_open_clip_loss()
+    if module is None:
+        raise RuntimeError(why)
     return module.ClipLoss()
 
 

@@ -1,7 +1,6 @@
 """Shared test utilities: backend lists, the relative-rule comparison, the open_clip loader."""
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Optional
 
@@ -148,33 +147,12 @@ def grads_of(out: torch.Tensor, inputs, upstream: Optional[torch.Tensor] = None)
 # open_clip
 # ---------------------------------------------------------------------------------------------
 
-_OPEN_CLIP_LOSS = None
-
-
 def load_open_clip_loss():
-    """open_clip's ``loss`` module loaded by file path (importing the ``open_clip`` package pulls
-    in torchvision, which the CPU image lacks). Returns (module, None) or (None, reason)."""
-    global _OPEN_CLIP_LOSS
-    if _OPEN_CLIP_LOSS is not None:
-        return _OPEN_CLIP_LOSS, None
-    origin = None
-    try:
-        # find_spec of a top-level name locates the package without executing its __init__.
-        spec = importlib.util.find_spec("open_clip")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
-        origin = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
-    if origin is None or not os.path.isfile(origin):
-        return None, "open_clip (open_clip_torch) is not installed"
-    try:
-        loss_spec = importlib.util.spec_from_file_location("_ck_test_open_clip_loss", origin)
-        module = importlib.util.module_from_spec(loss_spec)
-        loss_spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001 - turned into a skip/fail reason
-        return None, f"loading {origin} failed: {type(exc).__name__}: {exc}"
-    _OPEN_CLIP_LOSS = module
-    return module, None
+    """open_clip's ``loss`` module by file path: (module, None) or (None, reason)."""
+    from contrastive_kernels.bench import load_open_clip_loss as load
+
+    module, why = load()
+    return module, (why or None)
 
 
 def open_clip_loss_module():

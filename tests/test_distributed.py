@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 import contrastive_kernels as ck
 from contrastive_kernels import distributed as ckd
 from contrastive_kernels import reference
+from contrastive_kernels.bench import load_open_clip_loss
 from contrastive_kernels.gamma import GammaContrastiveLoss
 
 TIMEOUT_S = 150
@@ -27,14 +28,7 @@ SETTINGS = [(False, False), (False, True), (True, True), (True, False)]
 
 
 def _open_clip_loss_module():
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
-    mod_spec = importlib.util.spec_from_file_location("_open_clip_loss_for_tests", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod
+    return load_open_clip_loss()[0]
 
 
 def _free_port() -> int:
