@@ -16,7 +16,7 @@ NATIVE_SRC := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/
 BENCH_ARGS  ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup bench test info cuda-check clean
+.PHONY: setup bench test info cuda-check triton-check clean
 
 $(STAMP): $(NATIVE_SRC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ info: setup
 # Compile-only check of every CUDA source with the machine's nvcc (sm_80 and sm_90).
 cuda-check:
 	bash tools/compile_cuda.sh
+
+# Offline compile of every Triton launch for sm_90 (no GPU): registers, spills, shared memory.
+# TRITON_CHECK_ARGS="--quick --strict" is what CI runs; without it, the full matrix (169 kernels, 2–3 min on 2 cores).
+TRITON_CHECK_ARGS ?=
+triton-check: setup
+	$(PY) tools/triton_offline_compile.py $(TRITON_CHECK_ARGS)
 
 clean:
 	rm -rf build *.egg-info contrastive_kernels/*.so $(STAMP)

@@ -221,6 +221,35 @@ def test_float64_rejected():
         lse_fwd_triton(q, q, torch.tensor(1.0, device=DEV), None, True)
 
 
+# the GPU config list (what _fwd_configs returns outside the interpreter)
+_GPU_FWD_CONFIGS = [
+    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=4),
+]
+
+
+@pytest.mark.parametrize("dtype, block_d, d_single, kept_block_n", [
+    # fp32, D = 128 resident: BLOCK_N 128 × 3 stages compiles to 262656 B (offline sm_90 compile,
+    # benchmarks/NOTES.md), over the H100's 227 KiB: pruned, the other two stay
+    (torch.float32, 128, True, [64, 64]),
+    (torch.bfloat16, 128, True, [64, 128, 64]),   # half the bytes: everything fits
+    (torch.float32, 64, False, [64, 128, 64]),    # D = 512 chunked: 196608 B at most
+])
+def test_forward_autotune_prunes_configs_over_shared_memory(monkeypatch, dtype, block_d, d_single, kept_block_n):
+    monkeypatch.setattr(tl_lse, "_smem_limit", lambda device: 227 * 1024)
+    q = torch.empty(8, 8, dtype=dtype)
+    kept = tl_lse._prune_fwd_by_smem(_GPU_FWD_CONFIGS, {"Q": q}, BLOCK_M=128, BLOCK_D=block_d,
+                                     D_SINGLE=d_single)
+    assert [c.kwargs["BLOCK_N"] for c in kept] == kept_block_n
+
+
+def test_forward_autotune_prune_keeps_smallest_when_none_fits(monkeypatch):
+    monkeypatch.setattr(tl_lse, "_smem_limit", lambda device: 1024)
+    kept = tl_lse._prune_fwd_by_smem(_GPU_FWD_CONFIGS, {"Q": torch.empty(1, 1)}, BLOCK_M=128,
+                                     BLOCK_D=128, D_SINGLE=True)
+    assert len(kept) == 1 and kept[0] is _GPU_FWD_CONFIGS[0]  # 64 × 3 stages: the smallest
+
 # ------------------------------------------------------------------------------------------------
 # GPU only
 # ------------------------------------------------------------------------------------------------

@@ -106,6 +106,52 @@ def _fwd_configs():
     ]
 
 
+# Opt-in shared memory per block when the device does not say (sm_90: 227 KiB).
+_DEFAULT_SMEM_LIMIT = 227 * 1024
+_SMEM_LIMIT: dict = {}
+
+
+def _smem_limit(device: torch.device) -> int:
+    """Largest dynamic shared memory one program may use on ``device`` (bytes)."""
+    if device.type != "cuda":
+        return _DEFAULT_SMEM_LIMIT
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMEM_LIMIT:
+        props = torch.cuda.get_device_properties(idx)
+        _SMEM_LIMIT[idx] = int(getattr(props, "shared_memory_per_block_optin", 0) or _DEFAULT_SMEM_LIMIT)
+    return _SMEM_LIMIT[idx]
+
+
+def _smem_estimate(cfg, elem: int, block_m: int, block_d: int, d_single: bool) -> int:
+    """Shared memory of the forward's pipelined tile loop: num_stages buffers of the swept key
+    tile (BLOCK_N × BLOCK_D, plus the BLOCK_M × BLOCK_D query chunk when D is chunked, since both
+    are re-loaded per chunk) and, with D resident, one copy of the query block.
+
+    Checked against every forward config of the offline sm_90 compiles
+    (tools/triton_offline_compile.py, triton 3.6 and 3.9): never more than 4 KiB below the
+    compiled size, and above it where the compiler does not pipeline (16-byte-unaligned rows, fp32
+    "ieee" dots). E.g. fp32, D = 128 resident, BLOCK_N = 128, 3 stages: 262144 estimated, 262656
+    compiled, over the H100's 227 KiB. The backward is not modelled (its two dot stages keep G and
+    the operands of the second MMA in shared memory too); its largest compiled config uses 192 KiB.
+    """
+    bn = cfg.kwargs["BLOCK_N"]
+    per_stage = block_d * (bn + (0 if d_single else block_m))
+    resident = block_m * block_d if d_single else 0
+    return elem * (cfg.num_stages * per_stage + resident)
+
+
+def _prune_fwd_by_smem(configs, named_args, **kwargs):
+    """early_config_prune of the forward autotuner: drop configs whose estimated shared memory
+    exceeds the device's limit (they would fail with OutOfResources at launch, after a compile the
+    GPU session pays for); keep the smallest when none fits, so the launch error names the problem."""
+    q = named_args["Q"]
+    limit = _smem_limit(q.device)
+    est = [(_smem_estimate(c, q.element_size(), kwargs["BLOCK_M"], kwargs["BLOCK_D"], kwargs["D_SINGLE"]), i)
+           for i, c in enumerate(configs)]
+    keep = [configs[i] for e, i in est if e <= limit]
+    return keep or [configs[min(est)[1]]]
+
+
 def _bwd_configs():
     if _interpreting():
         return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
@@ -158,7 +204,7 @@ def _col_cas_merge(packed_ptr, cols, col_valid, cm, cl):
 
 
 @triton.autotune(configs=_fwd_configs(), key=["D", "N_KEY", "M_KEY", "BLOCK_D", "COMPUTE_COL", "COL_ATOMIC"],
-                 reset_to_zero=["col_packed_ptr"])
+                 reset_to_zero=["col_packed_ptr"], prune_configs_by={"early_config_prune": _prune_fwd_by_smem})
 @triton.jit
 def _lse_fwd_kernel(
     Q, K, scale_ptr, labels_ptr,
@@ -514,8 +560,9 @@ _SM_COUNT: dict = {}
 
 
 def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 0 elsewhere (the interpreter: one column split)."""
     if device.type != "cuda":
-        return 1
+        return 0
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
@@ -527,10 +574,11 @@ _SPLIT_ALIGN = 256  # every BLOCK_N divides it, so split boundaries fall on tile
 
 def _plan_split(row_blocks: int, ncols: int, device: torch.device, forced: int) -> tuple[int, int]:
     """Column splits so that row_blocks·split programs fill the GPU about twice over."""
+    sms = _num_sms(device)
     if forced > 0:
         split = forced
-    elif device.type == "cuda":
-        target = 2 * _num_sms(device)
+    elif sms > 0:
+        target = 2 * sms
         split = 1 if row_blocks >= target else -(-target // row_blocks)
         split = min(split, max(1, ncols // 1024))  # keep >= 1024 columns per split
     else:
@@ -633,7 +681,7 @@ def lse_fwd_triton(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
         torch.zeros((1,), dtype=torch.int64, device=dev)
     lab = labels if labels is not None else torch.empty((1,), dtype=torch.int64, device=dev)
     prec = _input_precision(query.dtype)
-    MERGE_BLOCK = 1024 if dev.type == "cuda" else 256
+    MERGE_BLOCK = 1024 if _num_sms(dev) else 256
 
     with _device_guard(dev):
         for rb0 in range(0, row_blocks, rb_per_launch):
