@@ -39,9 +39,10 @@ test: setup
 info: setup
 	$(PY) -m contrastive_kernels info
 
-# Compile-only check of every CUDA source with the machine's nvcc (sm_80 and sm_90).
-cuda-check:
-	bash tools/compile_cuda.sh
+# Compile-only check of every CUDA source with the machine's nvcc (sm_80 and sm_90), and a syntax
+# check of the torch binding against the venv's torch headers.
+cuda-check: setup
+	TORCH_PYTHON=$(PY) bash tools/compile_cuda.sh
 
 # Offline compile of every Triton launch for sm_90 (no GPU): registers, spills, shared memory.
 # TRITON_CHECK_ARGS="--quick --strict" is what CI runs; without it, the full matrix (169 kernels, 2–3 min on 2 cores).

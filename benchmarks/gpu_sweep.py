@@ -326,21 +326,31 @@ def run(args) -> str:
 
 
 def huge(args, emit, provs, device):
-    """One fwd+bwd at N = M = args.huge (default D 512 bf16) on the triton backend."""
-    fn, note = provs.get("triton", (None, "triton provider not in --providers"))
+    """One fwd+bwd at N = M = args.huge (D 512, bf16) on each fused GPU backend in --providers."""
+    names = [p for p in ("triton", "cuda") if p in args.providers]
+    if not names:
+        emit(dict(provider="triton", mode="fwd_bwd", dtype="bf16", n=args.huge, m=args.huge, d=ACCEPT["d"],
+                  note="huge skipped: neither triton nor cuda in --providers"))
+    for name in names:
+        _huge_one(args, emit, provs, device, name)
+
+
+def _huge_one(args, emit, provs, device, name):
+    fn, note = provs.get(name, (None, f"{name} provider unavailable"))
     d = ACCEPT["d"]
-    row = dict(provider="triton", mode="fwd_bwd", dtype="bf16", n=args.huge, m=args.huge, d=d)
+    row = dict(provider=name, mode="fwd_bwd", dtype="bf16", n=args.huge, m=args.huge, d=d)
     if fn is None:
         emit(dict(row, note=f"huge skipped: {note}"))
         return
+    img = txt = s = loss = None
     try:
-        # tune at a size in the same autotune bucket first: tuning at 2^20 would take minutes
+        # warm up (triton: autotune) at a size in the same autotune bucket: tuning at 2^20 takes minutes
         warm_n = min(args.huge, 65536)
         img, txt = _inputs(warm_n, d, torch.bfloat16, device)
         img.requires_grad_(True)
         txt.requires_grad_(True)
         fn(img, txt, torch.tensor(100.0, device=device)).backward()
-        del img, txt
+        img = txt = None
         gc.collect()
         torch.cuda.empty_cache()
         img, txt = _inputs(args.huge, d, torch.bfloat16, device)
@@ -356,12 +366,18 @@ def huge(args, emit, provs, device):
         torch.cuda.synchronize()
         ms = (time.perf_counter() - t0) * 1e3
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        ok = bool(torch.isfinite(loss).item() and torch.isfinite(img.grad).all().item())
+        ok = bool(torch.isfinite(loss).item() and torch.isfinite(img.grad).all().item()
+                  and torch.isfinite(txt.grad).all().item())
         tf = 8 * args.huge * args.huge * d / (ms * 1e-3) / 1e12
         emit(dict(row, ms_p50=f"{ms:.1f}", peak_mem_mb=f"{peak:.1f}", tflops=f"{tf:.2f}",
                   note=f"single run (includes no autotuning); finite={ok}; loss={loss.item():.4f}"))
     except Exception as e:  # noqa: BLE001
         emit(dict(row, note=("OOM" if _is_oom(e) else f"error: {type(e).__name__}: {str(e)[:200]}")))
+    finally:  # free this backend's inputs and gradients before the next one
+        img = txt = s = loss = None
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
 
 def summary(results, roof, args):
@@ -446,7 +462,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--budget-s", type=float, default=330.0,
                    help="stop starting new points after this many seconds")
-    p.add_argument("--huge", type=int, default=0, help="also one triton fwd+bwd at N = M = this (e.g. 1048576)")
+    p.add_argument("--huge", type=int, default=0,
+                   help="also one fwd+bwd at N = M = this (e.g. 1048576) per fused GPU provider (triton, cuda)")
     p.add_argument("--open-clip-loss", default=None, help="path of open_clip/loss.py")
     p.add_argument("--fp32-precision", default="high", help="torch.set_float32_matmul_precision")
     p.add_argument("--tag", default="")

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The one GPU script of issue 3: build, GPU tests, the sweep, tuning variants, the N = 2^20 run.
-# Everything lands in one folder: $OUT (the device runner's output folder) or $1 or results_gpu/.
+# The one GPU script of issues 3 and 4: build, GPU tests (Triton and CUDA), compute-sanitizer on the
+# CUDA kernels, the sweep, tuning variants, the N = 2^20 runs. Everything lands in one folder: $OUT
+# (the device runner's output folder) or $1 or results_gpu/.
 #
-#   bash benchmarks/run_gpu.sh                       # all steps
-#   STEPS=sweep,huge bash benchmarks/run_gpu.sh      # a subset (build tests sweep variants huge)
+#   bash benchmarks/run_gpu.sh                       # all steps (tight in one 10-minute command)
+#   STEPS=build,tests,sanitize bash benchmarks/run_gpu.sh          # first command: correctness
+#   STEPS=build,sweep,variants,huge bash benchmarks/run_gpu.sh     # second: speed (build: no-op if warm)
 #
 # A GPU command may run 10 minutes: each step has its own timeout and the sweep a time budget
 # computed from what is left (TOTAL_S, default 570 s). Wheels of inf-cl / open-clip-torch brought
@@ -13,7 +15,7 @@ set -uo pipefail
 
 OUT_DIR="${OUT:-${1:-results_gpu}}"
 mkdir -p "$OUT_DIR"
-STEPS="${STEPS:-build,tests,sweep,variants,huge}"
+STEPS="${STEPS:-build,tests,sanitize,sweep,variants,huge}"
 TOTAL_S="${TOTAL_S:-570}"
 PY="${PYTHON:-python}"
 cd "$(dirname "$0")/.."
@@ -41,9 +43,26 @@ main() {
 
   if has tests; then
     echo "== GPU tests ($(left)s left)"
-    timeout "$(( $(left) > 400 ? 170 : 90 ))" "$PY" -m pytest -m gpu -q -x -p no:cacheprovider \
-      tests/test_triton.py 2>&1 | tail -25
+    # CK_REQUIRE_CUDA=1: a CUDA kernel that failed to build fails the tests instead of skipping them.
+    # --maxfail, not -x: a first run on a GPU should show every failing case, not just the first.
+    CK_REQUIRE_CUDA=1 timeout "$(( $(left) > 400 ? 240 : 120 ))" "$PY" -m pytest -m gpu -q --maxfail=25 \
+      -p no:cacheprovider -rf tests/test_cuda.py tests/test_triton.py 2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -40
     echo "tests rc=${PIPESTATUS[0]}"
+  fi
+
+  if has sanitize; then
+    # memcheck + racecheck on small, ragged shapes of the CUDA kernels (every path, masks on all axes)
+    if command -v compute-sanitizer >/dev/null 2>&1; then
+      for tool in memcheck racecheck; do
+        echo "== compute-sanitizer --tool $tool ($(left)s left)"
+        CK_REQUIRE_CUDA=1 timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 99 \
+          "$PY" -m pytest -m gpu -q -x -p no:cacheprovider tests/test_cuda.py \
+          -k "(matches_float64 and (7x7x7 or 130x37x40 or 257x1x7)) or row_groups or unaligned" 2>&1 | tail -15
+        echo "sanitize $tool rc=${PIPESTATUS[0]}"
+      done
+    else
+      echo "sanitize: compute-sanitizer not found"
+    fi
   fi
 
   if has sweep; then
@@ -69,9 +88,9 @@ main() {
   fi
 
   if has huge; then
-    echo "== N = M = 2^20, D = 512, bf16 fwd+bwd ($(left)s left)"
+    echo "== N = M = 2^20, D = 512, bf16 fwd+bwd, triton and cuda ($(left)s left)"
     timeout "$(( $(left) > 60 ? $(left) - 10 : 60 ))" "$PY" benchmarks/gpu_sweep.py --out "$OUT_DIR" --tag huge \
-      --providers triton --ns 65536 --ds 512 --dtypes bf16 --modes fwd_bwd --skip-roof --no-plot \
+      --providers triton,cuda --ns 65536 --ds 512 --dtypes bf16 --modes fwd_bwd --skip-roof --no-plot \
       --huge 1048576 --budget-s 30 2>&1 | grep -E "provider=|Error|error" | tail -5
   fi
 

@@ -331,6 +331,59 @@ def test_no_n_by_m_allocation(cuda_kernels, compute_col):
 
 
 @gpu
+@pytest.mark.parametrize("labels_kind", ["diag", "labels"])
+def test_forward_in_row_groups_is_bitwise_the_single_pass(cuda_kernels, monkeypatch, labels_kind):
+    # A tiny partials budget forces one 64-row block per group (5 groups at N = 300): every group's
+    # column partials are folded into the running (max, sum) in row-block order, the same operations
+    # in the same order as the single pass, so the outputs must match bit for bit.
+    n, m, d = 300, 257, 40
+    q, k = _features(n, m, d, torch.bfloat16, seed=3)
+    labels = _labels(labels_kind, n, m)
+    s = _scale(30.0)
+    monkeypatch.delenv("CK_CUDA_PARTIAL_MB", raising=False)
+    single = _ops().lse_fwd(q, k, s, labels, True)
+    monkeypatch.setenv("CK_CUDA_PARTIAL_MB", "0.001")  # 1048 bytes < one row block's 257·8
+    grouped = _ops().lse_fwd(q, k, s, labels, True)
+    for a, b in zip(single, grouped):
+        assert torch.equal(a, b)
+    gt = dense_fwd(q.double(), k.double(), 30.0, labels, True)
+    ref = dense_fwd(q, k, s.to(q.dtype), labels, True)
+    for name, o, r, g in zip(("row_lse", "col_lse", "pos"), grouped, ref, gt):
+        assert_relative_rule(o, r, g, q.dtype, name)
+
+
+@gpu
+@pytest.mark.parametrize("value", ["0", "-1", "lots", "1MB"])
+def test_partial_budget_env_rejects_nonsense(cuda_kernels, monkeypatch, value):
+    q, k = _features(7, 9, 5, torch.float32)
+    monkeypatch.setenv("CK_CUDA_PARTIAL_MB", value)
+    with pytest.raises(RuntimeError, match="CK_CUDA_PARTIAL_MB"):
+        _ops().lse_fwd(q, k, _scale(1.0), None, True)
+
+
+@gpu
+def test_one_row_with_ignored_stride(cuda_kernels):
+    # torch ignores the stride of a size-1 dimension: (D, 1).T is a "contiguous" (1, D) tensor whose
+    # stride(0) is 1 < D. The binding must not read that stride as the row pitch.
+    d = 48
+    q = torch.randn(d, 1, device=DEVICE).T
+    assert q.is_contiguous() and q.stride(0) < d
+    k = torch.randn(5, d, device=DEVICE)
+    s = _scale(2.0)
+    plain = torch.empty(1, d, device=DEVICE).copy_(q)  # the same values with the usual strides
+    assert plain.stride() == (d, 1)
+    out = _ops().lse_fwd(q, k, s, None, True)
+    want = _ops().lse_fwd(plain, k, s, None, True)
+    for a, b in zip(out, want):
+        assert torch.equal(a, b)
+    one = torch.ones(1, device=DEVICE)
+    got_grads = _ops().lse_bwd(q, k, s, None, out[0], out[1], one, None, None)
+    want_grads = _ops().lse_bwd(plain, k, s, None, out[0], out[1], one, None, None)
+    for a, b in zip(got_grads, want_grads):
+        assert torch.equal(a, b)
+
+
+@gpu
 def test_large_logits_finite(cuda_kernels):
     q, k = _features(130, 257, 64, torch.float16, kind="raw", seed=2)
     q, k = q * 8, k * 8  # |S| ~ 100·64·sqrt(64)

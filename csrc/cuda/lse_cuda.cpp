@@ -17,6 +17,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -66,6 +68,23 @@ void check_features(const Tensor& query, const Tensor& keys) {
   TORCH_CHECK(query.is_contiguous() && keys.is_contiguous(),
               "ck_native (CUDA): query and keys must be contiguous (strides ", query.strides(), " and ",
               keys.strides(), ")");
+}
+
+// Row stride in elements. A one-row tensor is contiguous whatever its stride(0) (torch ignores the
+// stride of a size-1 dimension: torch.randn(D, 1).T has strides (1, 1)), and its only row starts at
+// the data pointer, so D is as good a stride as any and keeps the launchers' ld >= D precondition.
+int64_t row_stride(const Tensor& t) { return t.size(0) == 1 ? t.size(1) : t.stride(0); }
+
+// CK_CUDA_PARTIAL_MB: cap (MiB, fractional allowed) on the forward's column partials per row group;
+// unset = the launcher's default. A testing and tuning knob: tiny values force many row groups.
+size_t partial_budget_from_env() {
+  const char* v = std::getenv("CK_CUDA_PARTIAL_MB");
+  if (v == nullptr || *v == '\0') return 0;
+  char* end = nullptr;
+  const double mb = std::strtod(v, &end);
+  TORCH_CHECK(end != v && *end == '\0' && mb > 0.0, "ck_native (CUDA): CK_CUDA_PARTIAL_MB must be a positive "
+              "number of MiB, got '", v, "'");
+  return std::max<size_t>(1, static_cast<size_t>(mb * 1024.0 * 1024.0));
 }
 
 // mma.sync bf16/tf32 and cp.async: Ampere (sm_80) or newer.
@@ -127,7 +146,8 @@ std::tuple<Tensor, Tensor, Tensor> lse_fwd_cuda(const Tensor& query, const Tenso
   Tensor row_lse = at::empty({N}, f32);
   Tensor col_lse = at::empty({compute_col ? M : 0}, f32);
   Tensor pos = at::empty({N}, f32);
-  const size_t ws_bytes = ck_cuda::lse_fwd_workspace_bytes(N, M, compute_col);
+  const size_t budget = partial_budget_from_env();
+  const size_t ws_bytes = ck_cuda::lse_fwd_workspace_bytes(N, M, compute_col, budget);
   // caching allocator, stream-ordered: freed when this function returns, reused safely after the kernels
   Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, query.options().dtype(at::kByte));
 
@@ -137,14 +157,15 @@ std::tuple<Tensor, Tensor, Tensor> lse_fwd_cuda(const Tensor& query, const Tenso
   a.N = N;
   a.M = M;
   a.D = D;
-  a.ldq = query.stride(0);
-  a.ldk = keys.stride(0);
+  a.ldq = row_stride(query);
+  a.ldk = row_stride(keys);
   a.scale = scale.data_ptr<float>();
   a.labels = labels_ptr;
   a.row_lse = row_lse.data_ptr<float>();
   a.col_lse = compute_col ? col_lse.data_ptr<float>() : nullptr;
   a.pos = pos.data_ptr<float>();
   a.workspace = ws_bytes ? workspace.data_ptr() : nullptr;
+  a.partial_budget_bytes = budget;
   a.dtype = kernel_dtype(query);
   a.allow_tf32 = tf32_allowed();
   C10_CUDA_CHECK(ck_cuda::lse_fwd(a, at::cuda::getCurrentCUDAStream()));
@@ -180,8 +201,8 @@ std::tuple<Tensor, Tensor> lse_bwd_cuda(const Tensor& query, const Tensor& keys,
   a.N = N;
   a.M = M;
   a.D = D;
-  a.ldq = query.stride(0);
-  a.ldk = keys.stride(0);
+  a.ldq = row_stride(query);
+  a.ldk = row_stride(keys);
   a.scale = scale.data_ptr<float>();
   a.labels = labels_ptr;
   a.row_lse = rl;

@@ -31,17 +31,25 @@
 //   Row paddings (8 halves / 4 floats) make the 16-bit loads bank-conflict free in every orientation
 //   used here; the float paths see at most 2-way conflicts in the transposed (backward) products.
 //
-// Numerics: logits are handled in the log2 domain, x = dot·(s·log2 e), so every exponential is one
-// ex2.approx (log2 e folded into the scale). Online max for rows; per-(row block, column) partial
-// (max, sum) for columns; all accumulation in float32. Masked elements (row ≥ N or column ≥ M) are
+// Numerics: every logit is rounded once, S = fl(dot·s) with __fmul_rn (which nvcc never contracts
+// into an FMA), exactly as torch rounds its logits, and the forward and the backward see the same
+// bits. Exponentials are one ex2.approx of (S − max)·log2 e: log2 e multiplies the *small*
+// difference. Folding log2 e into the scale (x = dot·(s·log2 e)) would save that multiply but puts
+// the roundings of s·log2 e, of x and of lse·log2 e on numbers as large as |S|·1.44; at |S| ≈ 500
+// that is a relative error of ~5e-5 on every backward weight, several times torch's own. (The
+// Triton and CPU kernels made the same choice; benchmarks/NOTES.md.) Online max for rows;
+// per-(row block, column) partial (max, sum) for columns; all accumulation in float32. Masked elements (row ≥ N or column ≥ M) are
 // −inf in the forward and contribute 0 in the backward; out-of-range rows/columns of D are zero-filled
 // in shared memory, so the products never see garbage.
 //
 // Forward column LSE across row blocks: every CTA writes (max, sum) of its 64 rows for each column
-// into a [ceil(N/64)][M] float2 buffer; a merge kernel combines them in a fixed order, so the result
-// is deterministic. Memory: O(N/64·M)·8 bytes (134 MB at N = M = 32768, 2.1 GB at 131072) — fine
-// for now; the alternatives are a key-block-owned second pass (2× the forward FLOPs, no buffer) or
-// atomics on an encoded (max, sum) pair (nondeterministic).
+// into a [row blocks of the launch][M] float2 buffer; a merge kernel combines them in a fixed order,
+// so the result is deterministic. All row blocks at once would need ceil(N/64)·M·8 bytes — 128 MiB
+// at N = M = 32768 but 128 GiB at 2^20 — so the rows run in groups whose partials fit a budget
+// (2 GiB by default, but never fewer than 4 CTAs per SM, to keep the GPU full): after each group the
+// merge folds its partials into a running (max, sum) per column (M·8 bytes). Extra traffic: one read
+// of the partials, ~1/(8·D) of the forward's FLOP time. (The alternatives: a key-block-owned second
+// pass, 2× the forward FLOPs; or atomics on a packed (max, sum) word, nondeterministic.)
 //
 // Backward (per tile): recompute T, form the weight W = G (or Gᵀ) in registers, stage it in shared
 // memory in the operand type, then for each D chunk:
@@ -60,6 +68,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -81,7 +90,6 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kTile = 16 * kWarps;  // rows of A per CTA = rows of B per tile = 64
 static_assert(kThreads == 2 * kTile, "the backward stages 64 row + 64 column statistics with one thread each");
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -INFINITY;
 
 enum Path : int { kPathF16 = 0, kPathBF16 = 1, kPathTF32 = 2, kPathF32 = 3 };
@@ -124,6 +132,9 @@ __device__ __forceinline__ float ex2(float x) {  // 2^x; ex2(-inf) = +0
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
+
+// e^(a − b) for a ≤ b (natural-log statistics): the difference first, then log2 e. a = −inf gives 0.
+__device__ __forceinline__ float exp_diff(float a, float b) { return ex2((a - b) * kLog2e); }
 
 __device__ __forceinline__ uint32_t to_tf32(float x) {
   uint32_t y;
@@ -329,7 +340,8 @@ struct FwdParams {
   const int64_t* labels;
   float* row_lse;
   float* pos;
-  float2* col_part;  // [gridDim.x][M] (max, sum) in log2 units, or nullptr
+  float2* col_part;  // [gridDim.x][M] (max, sum): max in natural units, sum relative to it; or nullptr
+  int row_block0;    // first row block of this launch (the forward runs in row groups, see lse_fwd)
   bool vec_ok;
 };
 
@@ -352,9 +364,8 @@ __global__ void __launch_bounds__(kThreads) lse_fwd_kernel(const FwdParams p) {
   const T* K = static_cast<const T*>(p.keys);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int m0 = blockIdx.x * kTile;
+  const int m0 = (p.row_block0 + blockIdx.x) * kTile;
   const float s = __ldg(p.scale);
-  const float sl2 = s * kLog2e;  // x = dot · sl2 is the logit in log2 units
   const int nk = (p.D + kBK - 1) / kBK;
   const int nb = (p.M + kTile - 1) / kTile;
 
@@ -393,7 +404,7 @@ __global__ void __launch_bounds__(kThreads) lse_fwd_kernel(const FwdParams p) {
       cp_async_commit();
     }
 
-    // ---- epilogue: logits in log2 units, masked to -inf; positives ----
+    // ---- epilogue: logits S = fl(dot·s), masked to -inf; positives ----
     float tile_max[2] = {kNegInf, kNegInf};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -404,8 +415,9 @@ __global__ void __launch_bounds__(kThreads) lse_fwd_kernel(const FwdParams p) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           float& v = acc[nt][2 * h + e];
-          if (col == label[h]) p.pos[row[h]] = v * s;  // label[h] == -1 for invalid rows
-          v = (cvalid && rvalid[h]) ? v * sl2 : kNegInf;
+          const float logit = __fmul_rn(v, s);  // the backward recomputes these exact bits
+          if (col == label[h]) p.pos[row[h]] = logit;  // label[h] == -1 for invalid rows
+          v = (cvalid && rvalid[h]) ? logit : kNegInf;
           tile_max[h] = fmaxf(tile_max[h], v);
         }
       }
@@ -419,9 +431,9 @@ __global__ void __launch_bounds__(kThreads) lse_fwd_kernel(const FwdParams p) {
       tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 2));
       const float new_max = fmaxf(run_max[h], tm);
       const float shift = (new_max == kNegInf) ? 0.f : new_max;  // fully masked row: avoid inf-inf
-      float sum = run_sum[h] * ex2(run_max[h] - shift);
+      float sum = run_sum[h] * exp_diff(run_max[h], shift);
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) sum += ex2(acc[nt][2 * h] - shift) + ex2(acc[nt][2 * h + 1] - shift);
+      for (int nt = 0; nt < NT; ++nt) sum += exp_diff(acc[nt][2 * h], shift) + exp_diff(acc[nt][2 * h + 1], shift);
       run_sum[h] = sum;
       run_max[h] = new_max;
     }
@@ -439,7 +451,7 @@ __global__ void __launch_bounds__(kThreads) lse_fwd_kernel(const FwdParams p) {
           cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, 8));
           cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, 16));
           const float shift = (cm == kNegInf) ? 0.f : cm;
-          float cs = ex2(x0 - shift) + ex2(x1 - shift);
+          float cs = exp_diff(x0, shift) + exp_diff(x1, shift);
           cs += __shfl_xor_sync(0xffffffffu, cs, 4);
           cs += __shfl_xor_sync(0xffffffffu, cs, 8);
           cs += __shfl_xor_sync(0xffffffffu, cs, 16);
@@ -456,7 +468,7 @@ __global__ void __launch_bounds__(kThreads) lse_fwd_kernel(const FwdParams p) {
           for (int w = 0; w < kWarps; ++w) cm = fmaxf(cm, sColPart[w][tid].x);
           float cs = 0.f;
 #pragma unroll
-          for (int w = 0; w < kWarps; ++w) cs += sColPart[w][tid].y * ex2(sColPart[w][tid].x - cm);
+          for (int w = 0; w < kWarps; ++w) cs += sColPart[w][tid].y * exp_diff(sColPart[w][tid].x, cm);
           p.col_part[static_cast<int64_t>(blockIdx.x) * p.M + col] = make_float2(cm, cs);
         }
       }
@@ -469,27 +481,39 @@ __global__ void __launch_bounds__(kThreads) lse_fwd_kernel(const FwdParams p) {
     float sum = run_sum[h];
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    if (t == 0 && rvalid[h]) p.row_lse[row[h]] = (run_max[h] + log2f(sum)) * kLn2;
+    if (t == 0 && rvalid[h]) p.row_lse[row[h]] = run_max[h] + logf(sum);
   }
 #endif  // CK_ARCH_OK
 }
 
-// col_lse[j] from the per-row-block partials, merged in row-block order (deterministic).
+// Folds one row group's per-row-block column partials, in row-block order (deterministic), into
+// (max, sum) per column: starting from `running` when `fold_running` (earlier groups), and writing
+// either col_lse = max + log(sum) (`col_lse` non-null: the last group) or `running` (more to come).
 __global__ void __launch_bounds__(256) col_lse_merge_kernel(const float2* __restrict__ part, int num_blocks, int M,
+                                                            float2* __restrict__ running, bool fold_running,
                                                             float* __restrict__ col_lse) {
   const int j = blockIdx.x * blockDim.x + threadIdx.x;
   if (j >= M) return;
   float m = kNegInf, sum = 0.f;
+  if (fold_running) {
+    const float2 r = running[j];
+    m = r.x;
+    sum = r.y;
+  }
   for (int b = 0; b < num_blocks; ++b) {
     const float2 v = part[static_cast<int64_t>(b) * M + j];  // coalesced across j
     if (v.x > m) {
-      sum = sum * exp2f(m - v.x) + v.y;
+      sum = sum * exp_diff(m, v.x) + v.y;  // m = -inf on the first step: 0·0 + v.y
       m = v.x;
     } else {
-      sum += v.y * exp2f(v.x - m);
+      sum += v.y * exp_diff(v.x, m);
     }
   }
-  col_lse[j] = (m + log2f(sum)) * kLn2;
+  if (col_lse != nullptr) {
+    col_lse[j] = m + logf(sum);
+  } else {
+    running[j] = make_float2(m, sum);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -521,13 +545,13 @@ struct BwdParams {
 };
 
 struct RowStat {
-  float lse2;   // row_lse·log2 e
+  float lse;    // row_lse
   float gr;     // grad_row
   float gp;     // grad_pos
   int label;    // positive column (-1 for rows past N)
 };
 struct ColStat {
-  float lse2;   // col_lse·log2 e
+  float lse;    // col_lse
   float gc;     // grad_col
 };
 
@@ -557,7 +581,6 @@ __global__ void __launch_bounds__(kThreads) lse_bwd_kernel(const BwdParams p) {
   const int g = lane >> 2, t = lane & 3;
   const int m0 = blockIdx.x * kTile;
   const float s = __ldg(p.scale);
-  const float sl2 = s * kLog2e;
   const int nk = (p.D + kBK - 1) / kBK;
   const int nb = (p.RB + kTile - 1) / kTile;
   const bool has_gr = p.grad_row != nullptr;
@@ -583,7 +606,7 @@ __global__ void __launch_bounds__(kThreads) lse_bwd_kernel(const BwdParams p) {
       RowStat r{0.f, 0.f, 0.f, -1};
       if (i < p.N) {
         if (has_gr) {
-          r.lse2 = __ldg(p.row_lse + i) * kLog2e;
+          r.lse = __ldg(p.row_lse + i);
           r.gr = __ldg(p.grad_row + i);
         }
         if (has_gp) r.gp = __ldg(p.grad_pos + i);
@@ -595,7 +618,7 @@ __global__ void __launch_bounds__(kThreads) lse_bwd_kernel(const BwdParams p) {
       const int j = j0 + jl;
       ColStat c{0.f, 0.f};
       if (j < p.M && has_gc) {
-        c.lse2 = __ldg(p.col_lse + j) * kLog2e;
+        c.lse = __ldg(p.col_lse + j);
         c.gc = __ldg(p.grad_col + j);
       }
       sCol[jl] = c;
@@ -623,14 +646,14 @@ __global__ void __launch_bounds__(kThreads) lse_bwd_kernel(const BwdParams p) {
         const int il = (ROLE == kRoleRow) ? ml : nl;
         const int jl = (ROLE == kRoleRow) ? nl : ml;
         const bool valid = (i0 + il < p.N) && (j0 + jl < p.M);
-        const float x = acc[nt][r] * sl2;
+        const float x = __fmul_rn(acc[nt][r], s);  // the forward's logit, bit for bit
         const RowStat rs = sRow[il];
         float w = 0.f;
         if (valid) {
-          if (has_gr) w += rs.gr * ex2(x - rs.lse2);  // ≤ |grad_row|: exp(S − r) ≤ 1
+          if (has_gr) w += rs.gr * exp_diff(x, rs.lse);  // ≤ |grad_row|: exp(S − r) ≤ 1
           if (has_gc) {
             const ColStat cs = sCol[jl];
-            w += cs.gc * ex2(x - cs.lse2);
+            w += cs.gc * exp_diff(x, cs.lse);
           }
           if (j0 + jl == rs.label) w += rs.gp;
         }
@@ -787,8 +810,8 @@ bool vec_ok_for(const void* ptr, int64_t ld, int64_t D, DType dt) {
 int blocks_for(int64_t n) { return static_cast<int>((n + kTile - 1) / kTile); }
 
 template <int P>
-cudaError_t launch_fwd(const FwdParams& fp, bool col, cudaStream_t stream) {
-  const dim3 grid(blocks_for(fp.N)), block(kThreads);
+cudaError_t launch_fwd(const FwdParams& fp, bool col, int num_row_blocks, cudaStream_t stream) {
+  const dim3 grid(num_row_blocks), block(kThreads);
   if (col) {
     lse_fwd_kernel<P, true><<<grid, block, 0, stream>>>(fp);
   } else {
@@ -858,11 +881,37 @@ bool sizes_ok(int64_t N, int64_t M, int64_t D, int64_t ldq, int64_t ldk) {
   return N >= 1 && M >= 1 && D >= 1 && N <= kMaxDim && M <= kMaxDim && D <= kMaxDim && ldq >= D && ldk >= D;
 }
 
+constexpr size_t kDefaultPartialBudget = size_t{2} << 30;  // bytes of column partials per row group
+constexpr int kMinCtasPerSm = 4;  // a row group never shrinks below this many CTAs per SM
+
+int sm_count() {
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) {
+    (void)cudaGetLastError();  // not sticky; the launch that follows reports a real device problem
+    return 132;                // H100 SXM
+  }
+  return sms;
+}
+
+// Row blocks per forward launch when the column LSE is computed (see "Forward column LSE" above).
+int64_t fwd_row_blocks_per_group(int64_t N, int64_t M, size_t partial_budget_bytes) {
+  const int64_t total = (N + kTile - 1) / kTile;
+  const int64_t per_block = M * static_cast<int64_t>(sizeof(float2));
+  int64_t group = static_cast<int64_t>((partial_budget_bytes ? partial_budget_bytes : kDefaultPartialBudget) /
+                                       static_cast<size_t>(per_block));
+  if (partial_budget_bytes == 0) group = std::max<int64_t>(group, int64_t{kMinCtasPerSm} * sm_count());
+  return std::min(total, std::max<int64_t>(group, 1));
+}
+
 }  // namespace
 
-size_t lse_fwd_workspace_bytes(int64_t N, int64_t M, bool compute_col) {
+size_t lse_fwd_workspace_bytes(int64_t N, int64_t M, bool compute_col, size_t partial_budget_bytes) {
   if (!compute_col || N <= 0 || M <= 0) return 0;
-  return static_cast<size_t>((N + kTile - 1) / kTile) * static_cast<size_t>(M) * sizeof(float2);
+  const int64_t total = (N + kTile - 1) / kTile;
+  const int64_t group = fwd_row_blocks_per_group(N, M, partial_budget_bytes);
+  const int64_t blocks = group + (group < total ? 1 : 0);  // + the running (max, sum) of several groups
+  return static_cast<size_t>(blocks) * static_cast<size_t>(M) * sizeof(float2);
 }
 
 cudaError_t lse_fwd(const LseFwdArgs& a, cudaStream_t stream) {
@@ -889,26 +938,38 @@ cudaError_t lse_fwd(const LseFwdArgs& a, cudaStream_t stream) {
   fp.col_part = col ? static_cast<float2*>(a.workspace) : nullptr;
   fp.vec_ok = vec_ok_for(a.query, a.ldq, a.D, a.dtype) && vec_ok_for(a.keys, a.ldk, a.D, a.dtype);
 
-  cudaError_t err;
-  switch (pick_path(a.dtype, a.allow_tf32)) {
-    case kPathF16:
-      err = launch_fwd<kPathF16>(fp, col, stream);
-      break;
-    case kPathBF16:
-      err = launch_fwd<kPathBF16>(fp, col, stream);
-      break;
-    case kPathTF32:
-      err = launch_fwd<kPathTF32>(fp, col, stream);
-      break;
-    default:
-      err = launch_fwd<kPathF32>(fp, col, stream);
-      break;
-  }
-  if (err != cudaSuccess || !col) return err;
+  const int64_t total = blocks_for(a.N);
+  const int64_t group = col ? fwd_row_blocks_per_group(a.N, a.M, a.partial_budget_bytes) : total;
+  // after the group partials: the running (max, sum) per column, used only with several groups
+  float2* running = col ? fp.col_part + group * a.M : nullptr;
   const int threads = 256;
-  const int blocks = static_cast<int>((a.M + threads - 1) / threads);
-  col_lse_merge_kernel<<<blocks, threads, 0, stream>>>(fp.col_part, blocks_for(a.N), fp.M, a.col_lse);
-  return cudaGetLastError();
+  const int merge_blocks = static_cast<int>((a.M + threads - 1) / threads);
+  for (int64_t rb0 = 0; rb0 < total; rb0 += group) {
+    const int n_rb = static_cast<int>(std::min(group, total - rb0));
+    fp.row_block0 = static_cast<int>(rb0);
+    cudaError_t err;
+    switch (pick_path(a.dtype, a.allow_tf32)) {
+      case kPathF16:
+        err = launch_fwd<kPathF16>(fp, col, n_rb, stream);
+        break;
+      case kPathBF16:
+        err = launch_fwd<kPathBF16>(fp, col, n_rb, stream);
+        break;
+      case kPathTF32:
+        err = launch_fwd<kPathTF32>(fp, col, n_rb, stream);
+        break;
+      default:
+        err = launch_fwd<kPathF32>(fp, col, n_rb, stream);
+        break;
+    }
+    if (err != cudaSuccess || !col) return err;
+    const bool last = rb0 + group >= total;
+    col_lse_merge_kernel<<<merge_blocks, threads, 0, stream>>>(fp.col_part, n_rb, fp.M, running, rb0 > 0,
+                                                               last ? a.col_lse : nullptr);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 cudaError_t lse_bwd(const LseBwdArgs& a, cudaStream_t stream) {

@@ -34,9 +34,13 @@ struct LseFwdArgs {
   float* row_lse = nullptr;      // (N,) out
   float* col_lse = nullptr;      // (M,) out, or nullptr: column LSE not computed
   float* pos = nullptr;          // (N,) out: S[i, l_i]
-  // Scratch of at least lse_fwd_workspace_bytes(N, M, col_lse != nullptr) bytes, 16-byte aligned
-  // (may be nullptr when that size is 0). Holds the per-row-block column partials.
+  // Scratch of at least lse_fwd_workspace_bytes(N, M, col_lse != nullptr, partial_budget_bytes)
+  // bytes, 16-byte aligned (may be nullptr when that size is 0). Holds the per-row-block column
+  // partials of one row group and, with several groups, the running per-column (max, sum).
   void* workspace = nullptr;
+  // Cap on the column partials of one row group, in bytes. 0: the default (2 GiB, but at least
+  // 4 CTAs per SM per group). Non-zero: exactly this cap (at least one row block), for tests.
+  size_t partial_budget_bytes = 0;
   DType dtype = DType::kFloat32;
   // float32 inputs only: multiply tiles on tensor cores in TF32 (10-bit mantissa operands, float32
   // accumulation). false = exact float32 FFMA path. Ignored for 16-bit inputs.
@@ -65,8 +69,10 @@ struct LseBwdArgs {
   bool deterministic = false;
 };
 
-// Bytes of scratch lse_fwd needs: ceil(N/64)·M·8 when the column LSE is asked for, else 0.
-size_t lse_fwd_workspace_bytes(int64_t N, int64_t M, bool compute_col);
+// Bytes of scratch lse_fwd needs when the column LSE is asked for (else 0): (G + [G < R])·M·8, with
+// R = ceil(N/64) row blocks and G the row blocks per group (all R when they fit the budget).
+// Call with the device that will run lse_fwd current (the default budget depends on its SM count).
+size_t lse_fwd_workspace_bytes(int64_t N, int64_t M, bool compute_col, size_t partial_budget_bytes = 0);
 
 // row_lse, col_lse (optional), pos. Deterministic (no atomics).
 cudaError_t lse_fwd(const LseFwdArgs& args, cudaStream_t stream);
