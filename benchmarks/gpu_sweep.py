@@ -408,6 +408,18 @@ def summary(results, roof, args):
         if o and o["mem"] == o["mem"] and o["mem"] > 0:
             print(f"  peak extra memory: {t['mem']:.0f} MiB = {t['mem'] / o['mem']:.1%} of dense "
                   f"({o['mem']:.0f} MiB)  (target <= 3%)")
+    # issue 4: the cuda backend against triton, and the data the `auto` rule is derived from
+    pairs = [(k, v["cuda"], v["triton"]) for k, v in sorted(by.items())
+             if k[0] == "fwd_bwd" and "cuda" in v and "triton" in v]
+    if pairs:
+        print("\ncuda vs triton, fwd_bwd (time ratio cuda/triton; < 1: cuda faster) — input to the auto rule:")
+        for k, c, t in pairs:
+            print(f"  {k[1]:5} n={k[2]:>7} d={k[3]:>5}: {c['ms'] / t['ms']:5.2f}x  "
+                  f"-> {'cuda' if c['ms'] < t['ms'] else 'triton'}")
+        c, t = acc.get("cuda"), acc.get("triton")
+        if c and t:
+            print(f"acceptance (issue 4): cuda/triton at fwd_bwd {ACCEPT['dtype']} N=M={ACCEPT['n']} D={ACCEPT['d']}: "
+                  f"{c['ms'] / t['ms']:.2f}x  (target <= 1.25x)")
 
 
 def plot(csv_path):
