@@ -249,6 +249,27 @@ def test_tf32_path(cuda_kernels):
         torch.backends.cuda.matmul.allow_tf32 = prev
 
 
+@gpu
+def test_tf32_decision_under_the_new_precision_api(cuda_kernels):
+    # torch >= 2.9: with only the new API set, the legacy getter allowTF32CuBLAS() raises; the binding
+    # must still run, and take the tf32 path exactly when the new API asks for it.
+    if not hasattr(torch.backends, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    q, k = _features(257, 130, 136, torch.float32, seed=4)
+    labels, scale = _labels("labels", 257, 130), _scale(30.0)
+
+    def run(precision):
+        torch.backends.cuda.matmul.fp32_precision = precision
+        try:
+            return _ops().lse_fwd(q, k, scale, labels, True)
+        finally:
+            torch.backends.cuda.matmul.fp32_precision = "none"
+    exact, tf32 = run("ieee"), run("tf32")
+    default = _ops().lse_fwd(q, k, scale, labels, True)  # torch's default: exact fp32
+    assert all(torch.equal(a, b) for a, b in zip(exact, default))
+    assert not all(torch.equal(a, b) for a, b in zip(exact, tf32)), "fp32_precision='tf32' did not select tf32"
+
+
 # ---------------------------------------------------------------------------------------------
 # determinism, alignment, memory, edge cases
 # ---------------------------------------------------------------------------------------------

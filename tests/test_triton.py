@@ -221,6 +221,37 @@ def test_float64_rejected():
         lse_fwd_triton(q, q, torch.tensor(1.0, device=DEV), None, True)
 
 
+@pytest.mark.parametrize("setting, expected", [
+    ("", False),                                                  # torch's default: exact fp32
+    ("torch.backends.cuda.matmul.fp32_precision = 'tf32'", True),  # new API alone: the legacy getter raises
+    ("torch.backends.fp32_precision = 'tf32'", True),              # new API, global level
+    ("torch.backends.cuda.matmul.fp32_precision = 'ieee'", False),
+    ("torch.set_float32_matmul_precision('high')", True),          # legacy API
+    ("torch.backends.cuda.matmul.allow_tf32 = True", True),
+    ("torch.set_float32_matmul_precision('high'); torch.backends.cuda.matmul.allow_tf32 = False", False),
+])
+def test_fp32_tf32_decision_follows_torch_under_both_apis(setting, expected):
+    # The kernels' fp32 dots use tf32 exactly when torch's own fp32 CUDA matmul would. Since torch 2.9
+    # torch.get_float32_matmul_precision() raises once the new fp32_precision API was used, so the
+    # decision must not go through it (a crash that only a GPU run would have shown).
+    new_api = hasattr(torch.backends, "fp32_precision")  # torch >= 2.9
+    if not new_api and "fp32_precision" in setting:
+        pytest.skip("this torch has no fp32_precision API")
+
+    def restore():
+        if new_api:  # back to "unset" at both levels, which also clears the mixed-API state
+            torch.backends.fp32_precision = "none"
+            torch.backends.cuda.matmul.fp32_precision = "none"
+    restore()
+    try:
+        exec(setting, {"torch": torch})
+        assert tl_lse.fp32_matmul_uses_tf32() is expected
+    finally:
+        restore()
+        torch.set_float32_matmul_precision("highest")
+    assert tl_lse.fp32_matmul_uses_tf32() is False
+
+
 # the GPU config list (what _fwd_configs returns outside the interpreter)
 _GPU_FWD_CONFIGS = [
     triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
@@ -302,7 +333,7 @@ def test_gpu_large(dtype):
     outs = run(q, k, s, None, True, gr, gc, gp)
     ref = _blocked_reference(q, k, 100.0, None, gr, gc, gp)
     stat_tol, grad_tol = GPU_TOL[dtype]
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+    if dtype == torch.float32 and tl_lse.fp32_matmul_uses_tf32():
         stat_tol = 2e-3  # tf32 tiles
     for name, o, r in zip(("row_lse", "col_lse", "pos", "grad_query", "grad_keys"), outs, ref):
         tol = stat_tol if name in ("row_lse", "col_lse", "pos") else grad_tol
@@ -322,6 +353,26 @@ def test_gpu_deterministic(D):
         a = run(q, k, s, None, True, gr, gc, gp)
         b = run(q, k, s, None, True, gr, gc, gp)
     for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gpu_forward_in_several_launches_matches_one(deterministic):
+    # On a GPU a launch keeps at least #SMs row blocks of 128 rows, so the multi-launch forward
+    # (partials folded into a running (max, sum) after each launch) needs N > 128·#SMs to happen.
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    N, M, D = 128 * sms * 2 + 1000, 4096, 64
+    q = torch.randn(N, D, device="cuda").to(torch.bfloat16)
+    k = torch.randn(M, D, device="cuda").to(torch.bfloat16)
+    s = torch.tensor(20.0, device="cuda")
+    with tl_lse.tuning(deterministic=deterministic):
+        one = lse_fwd_triton(q, k, s, None, True)
+        with tl_lse.tuning(partial_budget_bytes=1):  # 3 launches of #SMs row blocks
+            several = lse_fwd_triton(q, k, s, None, True)
+    for x, y in zip(several, one):
+        # the same merges in the same order: bitwise equal
         assert torch.equal(x, y)
 
 

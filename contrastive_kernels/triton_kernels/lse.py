@@ -42,8 +42,13 @@ Column reduction of the forward (see benchmarks/NOTES.md for the trade-off)
   so no reader ever sees a max that does not belong to its sum — the reason a plain ``atomic_max``
   + ``atomic_add`` cannot work (the sum would be scaled by a max that changed under it). Merges
   commute up to rounding, so the result is exact up to float32 rounding in a run-dependent order.
-  ``auto`` picks ``partial`` when it fits the cap, else ``atomic`` (``partial`` in several launches
-  when deterministic).
+  ``auto`` is ``partial`` at every size (in several launches over the cap); ``atomic`` runs only
+  when asked for (``CK_TRITON_COL_REDUCE=atomic``). Why: besides being deterministic, ``partial``
+  keeps the column loop software-pipelined, while the CAS retry loop inside it stops Triton from
+  pipelining the D-resident kernels (no cp.async in their sm_90 code); and every row block sweeps
+  the columns in the same order, so the CAS words would be contended by all resident programs at
+  once. The extra cost of several launches is one more read of the partials (~1/(8·D) of the
+  forward's FLOP time).
 
 Backward modes
 --------------
@@ -203,7 +208,12 @@ def _col_cas_merge(packed_ptr, cols, col_valid, cm, cl):
         expected = prev
 
 
-@triton.autotune(configs=_fwd_configs(), key=["D", "N_KEY", "M_KEY", "BLOCK_D", "COMPUTE_COL", "COL_ATOMIC"],
+# The keys hold every host choice that changes the compiled kernel's resources (BLOCK_M, D_SINGLE,
+# INPUT_PRECISION): a config tuned under one must not be reused under another (it may not even fit
+# in shared memory there). The autotuner adds the tensors' dtypes itself.
+@triton.autotune(configs=_fwd_configs(),
+                 key=["D", "N_KEY", "M_KEY", "BLOCK_M", "BLOCK_D", "D_SINGLE", "COMPUTE_COL", "COL_ATOMIC",
+                      "INPUT_PRECISION"],
                  reset_to_zero=["col_packed_ptr"], prune_configs_by={"early_config_prune": _prune_fwd_by_smem})
 @triton.jit
 def _lse_fwd_kernel(
@@ -327,7 +337,8 @@ def _lse_merge_kernel(part_m_ptr, part_l_ptr, P, L, run_m_ptr, run_l_ptr, out_pt
 
 
 @triton.autotune(configs=_bwd_configs(),
-                 key=["D", "NA_KEY", "NB_KEY", "BLOCK_D", "EMIT_DB", "DA_ATOMIC", "STORE_G"],
+                 key=["D", "NA_KEY", "NB_KEY", "BLOCK_M", "BLOCK_D", "D_SINGLE", "EMIT_DB", "DA_ATOMIC",
+                      "STORE_G", "INPUT_PRECISION"],
                  reset_to_zero=["dA_ptr", "dB_ptr"])
 @triton.jit
 def _lse_bwd_kernel(
@@ -448,6 +459,12 @@ def _lse_bwd_kernel(
                 if DA_ATOMIC:
                     tl.atomic_add(da_ptrs, da, mask=dmask, sem="relaxed")
                 else:
+                    # The owner's read-modify-write: the compiler may give the load and the store
+                    # different thread layouts, so the thread that re-reads an element at the next
+                    # column tile need not be the one that stored it. A CTA barrier orders them
+                    # (today's code happens to have one from layout conversions; this does not rely
+                    # on it). Only this forced, D-chunked fused mode takes the path.
+                    tl.debug_barrier()
                     cur = tl.load(da_ptrs, mask=dmask, other=0.0)
                     tl.store(da_ptrs, cur + da, mask=dmask)
                 if EMIT_DB:
@@ -603,8 +620,26 @@ def _block_d(D: int, max_single: int, chunk: int) -> tuple[int, bool]:
 _LAUNCH_OPTS = dict(enable_fp_fusion=False)
 
 
+def fp32_matmul_uses_tf32() -> bool:
+    """Whether torch itself would run a float32 CUDA matmul on TF32 tensor cores right now.
+
+    Reads ``torch.backends.cuda.matmul.fp32_precision`` (torch >= 2.9: already resolved against the
+    global ``torch.backends.fp32_precision``, and it never raises), falling back to
+    ``torch.get_float32_matmul_precision()`` on older torch. The fallback cannot be the first
+    choice: since 2.9 it raises RuntimeError as soon as the new API was used (even alone, e.g.
+    ``torch.backends.cuda.matmul.fp32_precision = "tf32"``).
+    """
+    try:
+        precision = torch.backends.cuda.matmul.fp32_precision
+    except (AttributeError, RuntimeError):
+        precision = None
+    if isinstance(precision, str):
+        return precision == "tf32"
+    return torch.get_float32_matmul_precision() != "highest"
+
+
 def _input_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not _interpreting() and torch.get_float32_matmul_precision() != "highest":
+    if dtype == torch.float32 and not _interpreting() and fp32_matmul_uses_tf32():
         return "tf32"
     if dtype == torch.float32:
         return "ieee"
@@ -653,12 +688,10 @@ def lse_fwd_triton(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
 
     mode = "none"
     if compute_col:
-        full_partial = row_blocks * M * 8
-        mode = t.col_reduce
-        if det:
-            mode = "partial"
-        elif mode == "auto":
-            mode = "partial" if full_partial <= t.partial_budget_bytes else "atomic"
+        # `auto` is `partial` at every size (over the budget in several launches): deterministic,
+        # and its column loop stays software-pipelined, which the CAS loop of `atomic` prevents
+        # (no cp.async in the compiled D-resident kernels). `atomic` only when asked for.
+        mode = "partial" if det or t.col_reduce == "auto" else t.col_reduce
     # row blocks per launch: the whole grid unless the partial buffer would exceed the budget
     rb_per_launch = row_blocks
     if mode == "partial":

@@ -16,6 +16,7 @@
 // this light header avoids ATen/cuda/CUDAContext.h, which drags in the cuBLAS/cuSPARSE/cuSOLVER headers.
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -44,9 +45,20 @@ ck_cuda::DType kernel_dtype(const Tensor& t) {
   }
 }
 
-// TF32 tiles for float32 inputs exactly when torch itself would use TF32 for a float32 CUDA matmul
-// (torch.backends.cuda.matmul.allow_tf32 / fp32_precision / set_float32_matmul_precision).
-bool tf32_allowed() { return at::globalContext().allowTF32CuBLAS(); }
+// TF32 tiles for float32 inputs exactly when torch itself would use TF32 for a float32 CUDA matmul.
+// Since torch 2.9 the precision has a new API (torch.backends[.cuda.matmul].fp32_precision), and
+// allowTF32CuBLAS() — the legacy getter — throws once it was used, even alone (checked on torch
+// 2.13: torch.backends.cuda.matmul.fp32_precision = "tf32" makes it raise). float32Precision(CUDA,
+// MATMUL) is what the new API sets and never throws. The enum overload is used from 2.10 on (seen in
+// 2.13's headers; 2.9 is not checked here, so it keeps the legacy getter).
+bool tf32_allowed() {
+#if defined(TORCH_VERSION_MAJOR) && (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10))
+  return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+         at::Float32Precision::TF32;
+#else
+  return at::globalContext().allowTF32CuBLAS();
+#endif
+}
 
 void check_features(const Tensor& query, const Tensor& keys) {
   TORCH_CHECK(query.is_cuda() && keys.is_cuda(), "ck_native (CUDA): query and keys must be CUDA tensors, got ",
