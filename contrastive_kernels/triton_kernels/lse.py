@@ -70,6 +70,7 @@ zero in fp16's narrow range; the factor is divided out exactly at the end.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from dataclasses import dataclass, replace
@@ -113,18 +114,24 @@ def _fwd_configs():
 
 # Opt-in shared memory per block when the device does not say (sm_90: 227 KiB).
 _DEFAULT_SMEM_LIMIT = 227 * 1024
-_SMEM_LIMIT: dict = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_props(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def _device_props(device: torch.device):
+    """torch's properties of a CUDA device (cached per index); None for any other device."""
+    if device.type != "cuda":
+        return None
+    return _cuda_props(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _smem_limit(device: torch.device) -> int:
     """Largest dynamic shared memory one program may use on ``device`` (bytes)."""
-    if device.type != "cuda":
-        return _DEFAULT_SMEM_LIMIT
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SMEM_LIMIT:
-        props = torch.cuda.get_device_properties(idx)
-        _SMEM_LIMIT[idx] = int(getattr(props, "shared_memory_per_block_optin", 0) or _DEFAULT_SMEM_LIMIT)
-    return _SMEM_LIMIT[idx]
+    props = _device_props(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or _DEFAULT_SMEM_LIMIT)
 
 
 def _smem_estimate(cfg, elem: int, block_m: int, block_d: int, d_single: bool) -> int:
@@ -573,17 +580,10 @@ def _bucket(n: int) -> int:
     return 0 if n < 8192 else (1 if n < 65536 else 2)
 
 
-_SM_COUNT: dict = {}
-
-
 def _num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; 0 elsewhere (the interpreter: one column split)."""
-    if device.type != "cuda":
-        return 0
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
+    props = _device_props(device)
+    return props.multi_processor_count if props is not None else 0
 
 
 _SPLIT_ALIGN = 256  # every BLOCK_N divides it, so split boundaries fall on tile boundaries

@@ -38,9 +38,9 @@
 // the roundings of s·log2 e, of x and of lse·log2 e on numbers as large as |S|·1.44; at |S| ≈ 500
 // that is a relative error of ~5e-5 on every backward weight, several times torch's own. (The
 // Triton and CPU kernels made the same choice; benchmarks/NOTES.md.) Online max for rows;
-// per-(row block, column) partial (max, sum) for columns; all accumulation in float32. Masked elements (row ≥ N or column ≥ M) are
-// −inf in the forward and contribute 0 in the backward; out-of-range rows/columns of D are zero-filled
-// in shared memory, so the products never see garbage.
+// per-(row block, column) partial (max, sum) for columns; all accumulation in float32. Masked
+// elements (row ≥ N or column ≥ M) are −inf in the forward and contribute 0 in the backward;
+// out-of-range rows/columns of D are zero-filled in shared memory, so the products never see garbage.
 //
 // Forward column LSE across row blocks: every CTA writes (max, sum) of its 64 rows for each column
 // into a [row blocks of the launch][M] float2 buffer; a merge kernel combines them in a fixed order,
@@ -896,7 +896,7 @@ int sm_count() {
 
 // Row blocks per forward launch when the column LSE is computed (see "Forward column LSE" above).
 int64_t fwd_row_blocks_per_group(int64_t N, int64_t M, size_t partial_budget_bytes) {
-  const int64_t total = (N + kTile - 1) / kTile;
+  const int64_t total = blocks_for(N);
   const int64_t per_block = M * static_cast<int64_t>(sizeof(float2));
   int64_t group = static_cast<int64_t>((partial_budget_bytes ? partial_budget_bytes : kDefaultPartialBudget) /
                                        static_cast<size_t>(per_block));
@@ -908,7 +908,7 @@ int64_t fwd_row_blocks_per_group(int64_t N, int64_t M, size_t partial_budget_byt
 
 size_t lse_fwd_workspace_bytes(int64_t N, int64_t M, bool compute_col, size_t partial_budget_bytes) {
   if (!compute_col || N <= 0 || M <= 0) return 0;
-  const int64_t total = (N + kTile - 1) / kTile;
+  const int64_t total = blocks_for(N);
   const int64_t group = fwd_row_blocks_per_group(N, M, partial_budget_bytes);
   const int64_t blocks = group + (group < total ? 1 : 0);  // + the running (max, sum) of several groups
   return static_cast<size_t>(blocks) * static_cast<size_t>(M) * sizeof(float2);
