@@ -16,16 +16,17 @@ NATIVE_SRC := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/
 BENCH_ARGS  ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup bench test info cuda-check triton-check clean
+.PHONY: setup bench test info cuda-check triton-check gpu-dry-run gpu-wheels clean
 
 $(STAMP): $(NATIVE_SRC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy setuptools wheel ninja
-	@# open_clip is used only through its loss.py (parity tests, the open_clip bench provider);
-	@# --no-deps keeps torchvision and a second torch out.
-	$(PY) -m pip install -q --no-deps open_clip_torch
 	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install -q --no-build-isolation -e ".[test,bench,experiments]"
+	@# open_clip is used only through its loss.py (parity tests, the open_clip providers); --no-deps
+	@# keeps torchvision and a second torch out. Installed last: pip's resolver would otherwise print
+	@# a (harmless) ERROR about open_clip's missing torchvision at every later install.
+	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -49,6 +50,15 @@ cuda-check: setup
 TRITON_CHECK_ARGS ?=
 triton-check: setup
 	$(PY) tools/triton_offline_compile.py $(TRITON_CHECK_ARGS)
+
+# The GPU kit's CPU dry run (every step at tiny sizes; CI runs it): files in $(GPU_OUT).
+GPU_OUT ?= results_local/gpu-dry-run
+gpu-dry-run: setup
+	CK_GPU_DRY_RUN=1 PYTHON=$(PY) OUT=$(GPU_OUT) bash benchmarks/run_gpu.sh
+
+# Wheels the GPU machine lacks (it has no network): bring .whl/ along to the GPU run.
+gpu-wheels: setup
+	$(PY) -m pip download -q --no-deps -d .whl inf-cl==1.2.1 open-clip-torch==3.3.0
 
 clean:
 	rm -rf build *.egg-info contrastive_kernels/*.so $(STAMP)

@@ -1,113 +1,208 @@
 #!/usr/bin/env bash
-# The one GPU script of issues 3 and 4: build, GPU tests (Triton and CUDA), compute-sanitizer on the
-# CUDA kernels, the sweep, tuning variants, the N = 2^20 runs. Everything lands in one folder: $OUT
-# (the device runner's output folder) or $1 or results_gpu/.
+# The one GPU command: environment, build, GPU tests, the headline benchmark, the 2^20 run, the rest
+# of the GPU tests, memcheck, further sweep points — in that order of value, under one deadline.
 #
-#   bash benchmarks/run_gpu.sh                       # all steps (tight in one 10-minute command)
-#   STEPS=build,tests,sanitize bash benchmarks/run_gpu.sh          # first command: correctness
-#   STEPS=build,sweep,variants,huge bash benchmarks/run_gpu.sh     # second: speed (build: no-op if warm)
+#   CK_COMMIT=<sha> bash benchmarks/run_gpu.sh                   # on the GPU machine (OUT set by it)
+#   CK_GPU_DRY_RUN=1 PYTHON=.venv/bin/python OUT=/tmp/kit bash benchmarks/run_gpu.sh   # CPU dry run
 #
-# A GPU command may run 10 minutes: each step has its own timeout and the sweep a time budget
-# computed from what is left (TOTAL_S, default 570 s). Wheels of inf-cl / open-clip-torch brought
-# along in .whl/ (pip download --no-deps -d .whl inf-cl open-clip-torch, on a machine with the
-# registry) are installed offline first. CK_COMMIT names the commit in the CSV (no .git there).
+# TOTAL_S (default 490) is the deadline of the whole script: every step gets a cap computed from
+# the time left, keeping a reserve for the steps after it, so a slow step cannot starve the more
+# valuable ones behind it. Every result lands in $OUT the moment it exists, as at most 7 files:
+#   log                    everything printed (unbuffered)
+#   tests_cuda.xml         JUnit: CUDA GPU tests that need no Triton compilation
+#   tests_triton.xml       JUnit: Triton at the headline sizes, CUDA vs Triton at small shapes
+#   tests_rest.xml         JUnit: every remaining GPU test
+#   headline.csv           benchmark rows (one schema): clip bf16 N=M=32768 D=512 + roofs
+#   huge.csv               N=M=2^20 D=512 bf16 fwd+bwd per backend
+#   sweep.csv              further sweep points, with whatever time remains
+# so a command killed at its limit still returns everything before it. Wheels brought along in
+# .whl/ (make gpu-wheels: inf-cl, open-clip-torch) are installed with --target into a temporary
+# folder on PYTHONPATH, never into the image's environment. CK_GPU_DRY_RUN=1 walks every step on
+# tiny sizes on the CPU (Triton interpreter; CUDA-only steps report themselves skipped): CI runs it.
 set -uo pipefail
 
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
 OUT_DIR="${OUT:-${1:-results_gpu}}"
 mkdir -p "$OUT_DIR"
-STEPS="${STEPS:-build,tests,sanitize,sweep,variants,huge}"
-TOTAL_S="${TOTAL_S:-570}"
-PY="${PYTHON:-python}"
-cd "$(dirname "$0")/.."
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+LOG="$OUT_DIR/log"
+: > "$LOG"
+PY="${PYTHON:-python3}"
+DRY="${CK_GPU_DRY_RUN:-0}"
+TOTAL_S="${TOTAL_S:-490}"
+START=$(date +%s)
+export PYTHONUNBUFFERED=1
+export CK_TEST_TIMEOUT="${CK_TEST_TIMEOUT:-90}"   # per test (tests/conftest.py)
+SITE=$(mktemp -d /tmp/ck-site.XXXXXX)
+trap 'rm -rf "$SITE"' EXIT
+export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+if [[ "$DRY" == "1" ]]; then
+  export TRITON_INTERPRET=1   # the dry run's Triton runs in the interpreter on CPU tensors
+  BENCH_EXTRA=(--dry-run --quiet)
+  REQUIRE_CUDA=0
+else
+  BENCH_EXTRA=(--quiet)
+  REQUIRE_CUDA=1   # a CUDA kernel that failed to build fails its tests instead of skipping
+fi
 
-has() { [[ ",$STEPS," == *",$1,"* ]]; }
-left() { echo $(( TOTAL_S - SECONDS )); }
-
-main() {
-  echo "== $(date -u +%FT%TZ) run_gpu.sh steps=$STEPS out=$OUT_DIR"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
-  "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA')"
-  "$PY" -c "import triton; print('triton', triton.__version__)" || true
-
-  if compgen -G ".whl/*.whl" > /dev/null; then
-    echo "== offline wheels"
-    "$PY" -m pip install --no-deps --no-index .whl/*.whl 2>&1 | tail -3 || true
-  fi
-
-  if has build; then
-    echo "== build ($(left)s left)"
-    timeout 300 "$PY" -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -5
-    echo "build rc=${PIPESTATUS[0]}"
-  fi
-  "$PY" -m contrastive_kernels info 2>&1 | tail -20 || true
-
-  if has tests; then
-    echo "== GPU tests ($(left)s left)"
-    # CK_REQUIRE_CUDA=1: a CUDA kernel that failed to build fails the tests instead of skipping them.
-    # --maxfail, not -x: a first run on a GPU should show every failing case, not just the first.
-    CK_REQUIRE_CUDA=1 timeout "$(( $(left) > 400 ? 240 : 120 ))" "$PY" -m pytest -m gpu -q --maxfail=25 \
-      -p no:cacheprovider -rf tests/test_cuda.py tests/test_triton.py 2>&1 | tee "$OUT_DIR/gpu_tests.log" | tail -40
-    echo "tests rc=${PIPESTATUS[0]}"
-  fi
-
-  if has sanitize; then
-    # memcheck + racecheck on small, ragged shapes of the CUDA kernels (every path, masks on all axes)
-    if command -v compute-sanitizer >/dev/null 2>&1; then
-      for tool in memcheck racecheck; do
-        echo "== compute-sanitizer --tool $tool ($(left)s left)"
-        CK_REQUIRE_CUDA=1 timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 99 \
-          "$PY" -m pytest -m gpu -q -x -p no:cacheprovider tests/test_cuda.py \
-          -k "(matches_float64 and (7x7x7 or 130x37x40 or 257x1x7)) or row_groups or unaligned" 2>&1 | tail -15
-        echo "sanitize $tool rc=${PIPESTATUS[0]}"
-      done
-    else
-      echo "sanitize: compute-sanitizer not found"
-    fi
-  fi
-
-  if has sweep; then
-    # leave ~150 s for the variants and the 2^20 run
-    budget=$(( $(left) - 150 - 40 ))
-    (( budget < 60 )) && budget=60
-    echo "== sweep (budget ${budget}s, $(left)s left)"
-    timeout "$(( budget + 120 ))" "$PY" benchmarks/gpu_sweep.py --out "$OUT_DIR" --budget-s "$budget" 2>&1
-    echo "sweep rc=${PIPESTATUS[0]}"
-  fi
-
-  if has variants; then
-    # host-side alternatives at the acceptance point, to pick the defaults (see NOTES.md)
-    for v in "CK_TRITON_BWD=gemm" "CK_TRITON_BWD=fused" "CK_TRITON_BWD=fused CK_TRITON_BWD_MAX_SINGLE_D=512" \
-             "CK_TRITON_COL_REDUCE=atomic" "CK_TRITON_DETERMINISTIC=1"; do
-      (( $(left) < 90 )) && { echo "variants: out of time before [$v]"; break; }
-      tag=$(echo "$v" | tr ' =' '__' | tr 'A-Z' 'a-z')
-      echo "== variant [$v] ($(left)s left)"
-      env $v timeout 100 "$PY" benchmarks/gpu_sweep.py --out "$OUT_DIR" --tag "$tag" --providers triton \
-        --ns 32768 --ds 512 --dtypes bf16 --modes fwd_bwd,bwd,fwd --skip-roof --no-plot --budget-s 60 2>&1 \
-        | grep -E "provider=|Error|error" | tail -5
-    done
-  fi
-
-  if has huge; then
-    echo "== N = M = 2^20, D = 512, bf16 fwd+bwd, triton and cuda ($(left)s left)"
-    timeout "$(( $(left) > 60 ? $(left) - 10 : 60 ))" "$PY" benchmarks/gpu_sweep.py --out "$OUT_DIR" --tag huge \
-      --providers triton,cuda --ns 65536 --ds 512 --dtypes bf16 --modes fwd_bwd --skip-roof --no-plot \
-      --huge 1048576 --budget-s 30 2>&1 | grep -E "provider=|Error|error" | tail -5
-  fi
-
-  echo "== files"
-  ls -la "$OUT_DIR"
-  echo "== summary (main sweep)"
-  if [[ -f "$OUT_DIR/clip_sweep.csv" ]]; then
-    "$PY" - "$OUT_DIR/clip_sweep.csv" <<'EOF'
-import csv, sys
-rows = [r for r in csv.DictReader(open(sys.argv[1])) if r["mode"] == "fwd_bwd" and r["d"] == "512"
-        and r["dtype"] == "bf16" and r["provider"] != "matmul_roof"]
-for r in sorted(rows, key=lambda r: (int(r["n"]), r["provider"])):
-    print(f'{r["provider"]:8} n={r["n"]:>7} {r["ms_p50"] or "-":>10} ms {r["tflops"] or "-":>8} TF '
-          f'{r["pct_roof"] or "-":>5}% roof {r["peak_mem_mb"] or "-":>9} MiB {r["note"][:40]}')
-EOF
-  fi
-  echo "== done in ${SECONDS}s"
+FAILED_STEPS=()
+log() { echo "$@" | tee -a "$LOG"; }
+# note NAME RC: remember a step that failed (the exit status of the whole script)
+note() { (( $2 != 0 )) && FAILED_STEPS+=("$1(exit $2)"); return 0; }
+left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
+# cap WANT RESERVE MIN: seconds this step may take (WANT at most, keeping RESERVE for later
+# steps); prints 0 when fewer than MIN seconds would be left for it.
+cap() {
+  local c=$(( $(left) - $2 ))
+  (( c > $1 )) && c=$1
+  (( c < $3 )) && c=0
+  echo "$c"
+}
+# run CAP CMD...: the command under a time limit (SIGINT first, so pytest still writes its JUnit
+# XML and the harness its rows), its output into the log as it happens.
+run() {
+  local c=$1; shift
+  timeout -s INT -k 15 "$c" "$@" 2>&1 | tee -a "$LOG"
+  return "${PIPESTATUS[0]}"
+}
+step() { log ""; log "== [$(( $(date +%s) - START ))s, $(left)s left] $*"; }
+pytest_block() {  # NAME CAP ARGS...: verbose, per-test timeout, JUnit XML
+  local name=$1 c=$2; shift 2
+  CK_REQUIRE_CUDA=$REQUIRE_CUDA run "$c" "$PY" -m pytest -v -rfE -p no:cacheprovider \
+    --junitxml="$OUT_DIR/$name.xml" -o junit_suite_name="$name" "$@"
+  local rc=$?
+  log "$name: pytest exit $rc"
+  note "$name" "$rc"
 }
 
-main 2>&1 | tee "$OUT_DIR/log"
+# ---- 1. environment ---------------------------------------------------------------------------
+step "1. environment (dry run: $DRY)"
+if [[ "$DRY" != "1" ]] && command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG"
+else
+  log "nvidia-smi: skipped (dry run or not found)"
+fi
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl 2>&1 | tail -3 | tee -a "$LOG"
+  log "wheels from .whl/ installed into $SITE: $(ls .whl | tr '\n' ' ')"
+else
+  log "no .whl/ folder: inf_cl and open_clip providers will be skipped"
+fi
+run 60 "$PY" - <<'EOF'
+import platform, sys
+import torch
+print("python", sys.version.split()[0], platform.machine(), "| torch", torch.__version__,
+      "| CUDA build", torch.version.cuda)
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as e:
+    print("triton not importable:", e)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"GPU {p.name}, capability {p.major}.{p.minor}, {p.multi_processor_count} SMs, "
+          f"{p.total_memory / 2**30:.0f} GiB")
+    torch.set_float32_matmul_precision("high")
+    print("after set_float32_matmul_precision('high'): torch.backends.cuda.matmul.fp32_precision =",
+          getattr(torch.backends.cuda.matmul, "fp32_precision", "n/a"))
+else:
+    print("no CUDA device visible")
+for name in ("inf_cl", "open_clip"):
+    import importlib.util
+    print(f"{name}:", "importable" if importlib.util.find_spec(name) else "absent")
+EOF
+
+# ---- 2. build ---------------------------------------------------------------------------------
+step "2. build in place for the visible device's architecture"
+C=$(cap 240 270 30)
+if (( C > 0 )); then
+  ARCH=$("$PY" -c "import torch; c = torch.cuda.get_device_capability() if torch.cuda.is_available() else None; print(f'{c[0]}.{c[1]}' if c else '')" 2>/dev/null)
+  log "arch: ${ARCH:-none (CPU build)}; MAX_JOBS=${MAX_JOBS:-$(nproc)}"
+  TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="${MAX_JOBS:-$(nproc)}" run "$C" "$PY" setup.py -q build_ext --inplace
+  rc=$?; log "build exit $rc"; note build "$rc"
+  run 60 "$PY" -m contrastive_kernels info
+else
+  log "build: skipped, out of time"
+fi
+
+# ---- 3. CUDA GPU tests that need no Triton ----------------------------------------------------
+step "3. CUDA GPU tests (no Triton compilation)"
+C=$(cap 150 210 20)
+if (( C > 0 )); then
+  pytest_block tests_cuda "$C" -m gpu tests/test_cuda.py -k "not triton" --maxfail=40
+else
+  log "tests_cuda: skipped, out of time"
+fi
+
+# ---- 4. Triton at the headline sizes, CUDA vs Triton at two small shapes -----------------------
+step "4. Triton at N=M=32768 D=512 (bf16, fp32); CUDA vs Triton at small shapes"
+C=$(cap 120 160 20)
+if (( C > 0 )); then
+  pytest_block tests_triton "$C" -m gpu tests/test_triton.py tests/test_cuda.py \
+    -k "test_gpu_large or test_agrees_with_triton" --maxfail=20
+else
+  log "tests_triton: skipped, out of time"
+fi
+
+# ---- 5. the headline benchmark ----------------------------------------------------------------
+step "5. headline: clip fwd_bwd/fwd/bwd bf16 N=M=32768 D=512 (triton, cuda, dense, inf_cl) + roofs"
+C=$(cap 160 70 30)
+if (( C > 0 )); then
+  run "$C" "$PY" -m contrastive_kernels bench headline --csv "$OUT_DIR/headline.csv" --no-plot \
+    --time-budget $(( C - 20 )) "${BENCH_EXTRA[@]}"
+  rc=$?; log "headline: exit $rc"; note headline "$rc"
+else
+  log "headline: skipped, out of time"
+fi
+
+# ---- 6. N = M = 2^20 ---------------------------------------------------------------------------
+step "6. N=M=2^20 D=512 bf16 fwd+bwd (triton first)"
+C=$(cap 120 20 20)
+if (( C > 0 )); then
+  run "$C" "$PY" -m contrastive_kernels bench huge --csv "$OUT_DIR/huge.csv" --no-plot \
+    "${BENCH_EXTRA[@]}"
+  rc=$?; log "huge: exit $rc"; note huge "$rc"
+else
+  log "huge: skipped, out of time"
+fi
+
+# ---- 7. the remaining GPU tests, then memcheck on small ragged CUDA cases ----------------------
+step "7. remaining GPU tests"
+C=$(cap 240 40 20)
+if (( C > 0 )); then
+  pytest_block tests_rest "$C" -m gpu tests/ --maxfail=40 \
+    --deselect tests/test_triton.py::test_gpu_large \
+    -k "not (test_cuda and not triton) and not test_agrees_with_triton"
+else
+  log "tests_rest: skipped, out of time"
+fi
+C=$(cap 90 30 30)
+if (( C > 0 )) && [[ "$DRY" != "1" ]] && command -v compute-sanitizer >/dev/null 2>&1; then
+  step "7b. compute-sanitizer memcheck, small ragged CUDA cases"
+  CK_REQUIRE_CUDA=1 run "$C" compute-sanitizer --tool memcheck --error-exitcode 99 \
+    "$PY" -m pytest -q -x -p no:cacheprovider -m gpu tests/test_cuda.py \
+    -k "(matches_float64 and (7x7x7 or 130x37x40 or 257x1x7)) or row_groups or unaligned"
+  rc=$?; log "memcheck: exit $rc"; note memcheck "$rc"
+else
+  log "memcheck: skipped ($( [[ "$DRY" == "1" ]] && echo "dry run" || echo "no time or no compute-sanitizer"))"
+fi
+
+# ---- 8. further sweep points ------------------------------------------------------------------
+step "8. sweep: clip fwd_bwd N in 8192..65536, bf16 and fp32, D=512"
+C=$(cap 600 10 30)
+if (( C > 0 )); then
+  run "$C" "$PY" -m contrastive_kernels bench gpu-sweep --csv "$OUT_DIR/sweep.csv" --no-plot \
+    --time-budget $(( C - 15 )) "${BENCH_EXTRA[@]}"
+  rc=$?; log "sweep: exit $rc"; note sweep "$rc"
+else
+  log "sweep: skipped, out of time"
+fi
+
+# ---- acceptance figures -----------------------------------------------------------------------
+step "summary"
+run 30 "$PY" -m contrastive_kernels bench summary "$OUT_DIR"/headline.csv "$OUT_DIR"/huge.csv \
+  "$OUT_DIR"/sweep.csv "$OUT_DIR"/tests_*.xml
+log "files in $OUT_DIR: $(ls "$OUT_DIR" | tr '\n' ' ')"
+log "== done in $(( $(date +%s) - START ))s (deadline ${TOTAL_S}s); failed steps: ${FAILED_STEPS[*]:-none}"
+(( ${#FAILED_STEPS[@]} == 0 ))

@@ -12,9 +12,10 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import reference
+from ._checks import set_device_value_checks
 from .backends import BACKEND_CHOICES, availability
-from .functional import clip_loss, gamma_contrastive_loss, info_nce, lse_stats
-from .gamma import GammaContrastiveLoss
+from .functional import clip_loss, info_nce, lse_stats
+from .gamma import GammaContrastiveLoss, gamma_contrastive_loss
 from .modality import (
     DEFAULT_WEIGHTS,
     ModalityStructureLoss,
@@ -32,6 +33,7 @@ __all__ = [
     "__version__",
     "BACKEND_CHOICES",
     "availability",
+    "set_device_value_checks",
     "clip_loss",
     "gamma_contrastive_loss",
     "info_nce",

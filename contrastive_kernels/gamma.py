@@ -1,4 +1,4 @@
-"""Stateful stochastic-EM contrastive loss with per-sample auxiliary variables (math.md §3, P1).
+"""Stateful stochastic-EM contrastive loss with per-sample auxiliary variables (docs/math.md §3, P1).
 
 ``GammaContrastiveLoss`` keeps, for every training sample (by dataset index), a running estimate
 ``log Z̄_i`` of its partition function ``Z_i = mean_j exp(S_ij)`` and optimises the decomposable loss
@@ -11,7 +11,7 @@ of the full-data InfoNCE gradient. The statistics come from ONE fused forward
 logit matrix is never formed; everything else is O(N) work in the log domain.
 
 The stochastic EM recursion (the EM schedule and the estimator choices are this project's design,
-**[design]** in math.md §3, derived from P1's idea; P1's full text is not available to us):
+**[design]** in docs/math.md §3, derived from P1's idea; P1's full text is not available to us):
 
 1. forward: ``log Ẑ_i = r_i − log M`` (row LSE of ``S``; the column LSE for the other direction);
 2. E-step: ``Z̄_i ← (1 − γ)·Z̄_i + γ·Ẑ_i`` computed with ``logaddexp`` (first visit: ``Z̄_i = Ẑ_i``),
@@ -36,10 +36,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import functional as F
-from .backends import BACKEND_CHOICES, stat_dtype
+from . import _checks, functional
+from ._types import ScaleLike
+from .backends import BACKEND_CHOICES
 
-__all__ = ["GammaContrastiveLoss", "ESTIMATORS"]
+__all__ = ["GammaContrastiveLoss", "gamma_contrastive_loss", "decomposable_objective", "ESTIMATORS"]
 
 ESTIMATORS = ("gamma", "ema", "batch")
 _DIRECTIONS = ("row", "col")
@@ -66,13 +67,78 @@ def _log_standard_gamma(shape: float, n: int, generator: torch.Generator, dtype:
     return log_g.to(dtype)
 
 
+def _group_rows(index: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of ``index`` that share a value, found without a host read.
+
+    Returns ``(group, counts)``: ``group[i]`` numbers row i's value among the distinct values (in
+    sorted order) and ``counts[g]`` is the size of group g (length N, unused past the number of
+    groups). ``torch.unique``
+    would do this, but its output size depends on the data, so it synchronises with the device;
+    sorting and a cumulative sum of the group starts give the same numbering in fixed shapes.
+    """
+    n = index.shape[0]
+    sorted_idx, order = torch.sort(index, stable=True)
+    starts = torch.ones((n,), dtype=torch.int64, device=index.device)
+    starts[1:] = (sorted_idx[1:] != sorted_idx[:-1]).to(torch.int64)
+    group = torch.empty_like(starts).scatter_(0, order, torch.cumsum(starts, 0) - 1)
+    counts = torch.zeros((n,), dtype=torch.int64, device=index.device).index_add_(
+        0, group, torch.ones_like(group))
+    return group, counts
+
+
+def decomposable_objective(stat: Tensor, pos: Tensor, log_u: Tensor, num_candidates: int) -> Tensor:
+    """Per-anchor ``ℓ̃_i = u_i·Ẑ_i − S_{i,l_i}`` from the op's statistics (docs/math.md §3).
+
+    ``stat`` is the anchor's log-sum-exp over its ``num_candidates`` candidates (row LSE, or the
+    column LSE for the other direction), so ``log Ẑ_i = stat_i − log M`` and
+    ``u_i·Ẑ_i = exp(log u_i + stat_i − log M)`` — evaluated in the log domain, bounded because
+    ``log u_i ≈ −log Z̄_i``, so scales up to 100 do not overflow. ``log_u`` gets no gradient. The one
+    home of the formula: the functional form, the module and the distributed module all use it.
+    """
+    return torch.exp(log_u.detach().to(stat.dtype) + stat - math.log(num_candidates)) - pos
+
+
+def gamma_contrastive_loss(query: Tensor, keys: Tensor, logit_scale: ScaleLike, log_u: Tensor,
+                           labels: Optional[Tensor] = None, *, reduction: str = "mean",
+                           backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Decomposable (Gamma-augmented) loss of docs/math.md §3 for fixed auxiliary variables.
+
+    ``ℓ̃_i = −S_{i,l_i} + u_i·Ẑ_i`` with ``Ẑ_i = (1/M)·Σ_j exp(S_ij)`` (see
+    :func:`decomposable_objective`). ``u`` gets no gradient; with ``u_i = 1/Z_i`` the gradient is
+    exactly the full-data InfoNCE gradient (unbiased).
+
+    Args:
+        query: (N, D). keys: (M, D). logit_scale: float or 0-d tensor. log_u: (N,) floating,
+            detached. labels: (N,) int64 or None (``arange(N)``, needs M ≥ N).
+    Returns:
+        ``(loss, log_z)``: the reduced loss and the detached batch statistic
+        ``log_z_i = log mean_j exp(S_ij)`` (N,) for the E-step.
+    """
+    _checks.check_reduction(reduction)
+    _checks.check_features("query", query, "keys", keys)
+    if not isinstance(log_u, Tensor):
+        raise TypeError(f"log_u must be a torch.Tensor, got {type(log_u).__name__}")
+    if not log_u.is_floating_point():
+        raise TypeError(f"log_u must be floating point, got {log_u.dtype}")
+    if log_u.shape != (query.shape[0],):
+        raise ValueError(f"log_u must have shape ({query.shape[0]},) (one per query row), got "
+                         f"{tuple(log_u.shape)}")
+    if log_u.device != query.device:
+        raise ValueError(f"log_u is on {log_u.device} but the features are on {query.device}")
+    row, _, pos = functional.lse_stats(query, keys, logit_scale, labels, compute_col=False,
+                                       backend=backend)
+    m = keys.shape[0]
+    per_sample = decomposable_objective(row, pos, log_u, m)
+    return _checks.reduce(per_sample, reduction), (row - math.log(m)).detach()
+
+
 class GammaContrastiveLoss(nn.Module):
     r"""Decomposable contrastive loss optimised by stochastic EM with per-sample running estimates.
 
     Args:
         num_samples: size of the training set; ``index`` values lie in ``[0, num_samples)``.
         estimator: ``"gamma"`` (default) | ``"ema"`` | ``"batch"`` — how ``u_i`` is chosen (module
-            docstring, math.md §3).
+            docstring, docs/math.md §3).
         shape: Gamma shape ``a > 0`` for ``estimator="gamma"`` (1.0 = exponential, P1's case).
         update_weight: ``γ ∈ (0, 1]``, the weight of the new batch estimate in
             ``Z̄ ← (1 − γ)·Z̄ + γ·Ẑ``. ``γ = 1`` keeps no memory (``"ema"`` then equals ``"batch"``).
@@ -226,11 +292,8 @@ class GammaContrastiveLoss(nn.Module):
         n = index.shape[0]
         if index.device != device:
             raise ValueError(f"index is on {index.device} but the features are on {device}")
-        if n and not torch.compiler.is_compiling():
-            lo, hi = int(index.min()), int(index.max())
-            if lo < 0 or hi >= self.num_samples:
-                raise ValueError(f"index must lie in [0, {self.num_samples}) (num_samples="
-                                 f"{self.num_samples}), got values in [{lo}, {hi}]")
+        # a value check: CPU tensors only, unless device value checks are switched on (_checks)
+        _checks.check_range("index", index, 0, self.num_samples, f"num_samples={self.num_samples}")
 
     def _check_state_device(self, device: torch.device) -> None:
         buf = self.log_z_row
@@ -271,33 +334,34 @@ class GammaContrastiveLoss(nn.Module):
         out_dtype = log_z_batch.dtype
         work = torch.promote_types(log_z_state.dtype, out_dtype)
         est = log_z_batch.detach().to(device=log_z_state.device, dtype=work)
-        uniq, inverse, counts = torch.unique(index, return_inverse=True, return_counts=True)
-        if uniq.shape[0] == index.shape[0]:
-            combined = torch.empty_like(est).scatter_(0, inverse, est)
-        else:
-            # Log-mean-exp per unique index, shifted by the per-group max (no overflow).
-            group_max = torch.full(uniq.shape, float("-inf"), dtype=work, device=est.device)
-            group_max = group_max.scatter_reduce(0, inverse, est, reduce="amax")
-            sums = torch.zeros(uniq.shape, dtype=work, device=est.device)
-            sums = sums.index_add(0, inverse, torch.exp(est - group_max[inverse]))
-            combined = group_max + torch.log(sums) - torch.log(counts.to(work))
-        old = log_z_state[uniq].to(work)
-        seen = visited[uniq]
+        # Log-mean-exp per group of rows sharing an index, shifted by the group max (no overflow).
+        # A row alone in its group gets exactly its own estimate back (est + log 1 − log 1).
+        # Buffers have one slot per row; slots past the number of groups stay unused.
+        group, counts = _group_rows(index)
+        n = index.shape[0]
+        group_max = torch.full((n,), float("-inf"), dtype=work, device=est.device)
+        group_max = group_max.scatter_reduce(0, group, est, reduce="amax")
+        sums = torch.zeros((n,), dtype=work, device=est.device)
+        sums = sums.index_add(0, group, torch.exp(est - group_max[group]))
+        combined = (group_max[group] + torch.log(sums[group])
+                    - torch.log(counts[group].to(work)))
+        old = log_z_state[index].to(work)
+        seen = visited[index]
         gamma = self.update_weight
         if gamma >= 1.0:
             ema = combined
         else:
             ema = torch.logaddexp(old + math.log1p(-gamma), combined + math.log(gamma))
-        new = torch.where(seen, ema, combined)
-        log_z_state[uniq] = new.to(log_z_state.dtype)
-        visited[uniq] = True
+        # Rows sharing an index carry identical values, so the duplicate writes agree.
+        log_z_state[index] = torch.where(seen, ema, combined).to(log_z_state.dtype)
+        visited[index] = True
         # Read back from the buffer so every consumer sees exactly the stored (rounded) value.
         return log_z_state[index].to(out_dtype)
 
     @torch.no_grad()
     def estimate_log_u(self, index: Tensor, log_z_batch: Tensor, direction: str = "row") -> Tensor:
         """``log u_i`` of each row by the module's estimator, from the CURRENT state (call
-        :meth:`update_state` first: the E-step precedes the choice of ``u``, math.md §3).
+        :meth:`update_state` first: the E-step precedes the choice of ``u``, docs/math.md §3).
 
         Unvisited indices fall back to the batch estimate ``−log Ẑ_i``. Returns (N,) detached, in
         ``log_z_batch``'s dtype; ``"gamma"`` consumes N draws of the module's generator.
@@ -329,9 +393,10 @@ class GammaContrastiveLoss(nn.Module):
     # forward
     # ------------------------------------------------------------------------------------------
 
-    def forward(self, image_features: Tensor, text_features: Tensor, index: Tensor, logit_scale,
-                output_dict: bool = False, *, labels: Optional[Tensor] = None):
-        F._check_features("image_features", image_features, "text_features", text_features)
+    def check_batch(self, image_features: Tensor, text_features: Tensor, index: Tensor,
+                    labels: Optional[Tensor] = None) -> None:
+        """Validate one forward's inputs (shared with the distributed module)."""
+        _checks.check_features("image_features", image_features, "text_features", text_features)
         n, m = image_features.shape[0], text_features.shape[0]
         if labels is not None and self.symmetric:
             raise ValueError("labels are only supported with symmetric=False (the symmetric loss "
@@ -340,28 +405,31 @@ class GammaContrastiveLoss(nn.Module):
             raise ValueError(f"symmetric GammaContrastiveLoss pairs row i of image_features with row "
                              f"i of text_features, so batch sizes must match: image_features "
                              f"{tuple(image_features.shape)} vs text_features {tuple(text_features.shape)}")
-        if not self.symmetric and labels is None and m < n:
+        if labels is None and m < n:
             raise ValueError(f"the positive of anchor i is text_features[i], so text_features needs "
                              f"at least N={n} rows, got {tuple(text_features.shape)}")
         self._check_state_device(image_features.device)
         self._check_index(index, n, image_features.device)
 
-        row, col, pos = F.lse_stats(image_features, text_features, logit_scale, labels,
-                                    compute_col=self.symmetric, backend=self.backend)
-        log_z_row = row.detach() - math.log(m)
-        with torch.no_grad():  # index validated above; u never receives a gradient
-            self._update(index, log_z_row, "row")
-            log_u_row = self._estimate(index, log_z_row, "row")
-        # u_i·Ẑ_i = exp(log u_i + r_i − log M): bounded since log u_i ≈ −log Z̄_i (math.md §3).
-        objective = (torch.exp(log_u_row + row - math.log(m)) - pos).mean()
+    def direction_objective(self, stat: Tensor, pos: Tensor, index: Tensor, num_candidates: int,
+                            direction: str) -> Tensor:
+        """E-step on one direction's statistic, then the mean decomposable objective of its rows."""
+        log_z = stat.detach() - math.log(num_candidates)
+        with torch.no_grad():  # index validated by check_batch; u never receives a gradient
+            self._update(index, log_z, direction)
+            log_u = self._estimate(index, log_z, direction)
+        return decomposable_objective(stat, pos, log_u, num_candidates).mean()
+
+    def forward(self, image_features: Tensor, text_features: Tensor, index: Tensor, logit_scale,
+                output_dict: bool = False, *, labels: Optional[Tensor] = None):
+        self.check_batch(image_features, text_features, index, labels)
+        n, m = image_features.shape[0], text_features.shape[0]
+        row, col, pos = functional.lse_stats(image_features, text_features, logit_scale, labels,
+                                             compute_col=self.symmetric, backend=self.backend)
+        objective = self.direction_objective(row, pos, index, m, "row")
         info_nce = (row - pos).detach().mean()
         if self.symmetric:
-            log_z_col = col.detach() - math.log(n)
-            with torch.no_grad():
-                self._update(index, log_z_col, "col")
-                log_u_col = self._estimate(index, log_z_col, "col")
-            objective_col = (torch.exp(log_u_col + col - math.log(n)) - pos).mean()
-            objective = 0.5 * (objective + objective_col)
+            objective = 0.5 * (objective + self.direction_objective(col, pos, index, n, "col"))
             info_nce = 0.5 * (info_nce + (col - pos).detach().mean())
         if output_dict:
             return {"contrastive_loss": objective, "info_nce": info_nce}

@@ -1,4 +1,4 @@
-"""Modality-structure regularisers of P2 (Jiang et al., CVPR 2023), math.md §4 — without N×N matrices.
+"""Modality-structure regularisers of P2 (Jiang et al., CVPR 2023), docs/math.md §4 — without N×N matrices.
 
 P2 shows that perfectly aligning image and text features is sub-optimal when each modality carries
 information the other lacks, and adds three regularisers to the base loss
@@ -9,7 +9,7 @@ information the other lacks, and adds three regularisers to the base loss
 * :func:`brownian_bridge_loss` — the augmented image should sit on the Brownian bridge from its
   image to its text at time ``t``: ``L_Br = (1/N) Σ_j ‖vᵃ_j − μ_j‖²``,
   ``μ_j = normalize(t·v_j + (1 − t)·t_j)`` (the squared distance, not P2's printed closed form,
-  which has the wrong sign and lacks a square root; see math.md §4).
+  which has the wrong sign and lacks a square root; see docs/math.md §4).
 * :func:`feature_separation_loss` — ``L_Sep = L_Ortho + Lᶦ_Con + Lᶦ_Uni`` on a second,
   modality-specific ("private") projection head; the in-modal InfoNCE and the uniformity term run
   through the fused op family (:func:`~contrastive_kernels.functional.info_nce`,
@@ -29,7 +29,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import functional as F
+from . import _checks, functional
+from ._types import ScaleLike
 
 __all__ = [
     "geometric_consistency_loss",
@@ -41,9 +42,7 @@ __all__ = [
     "DEFAULT_WEIGHTS",
 ]
 
-ScaleLike = Union[float, int, Tensor]
-
-# P2 does not give its weights in the main text; math.md §4: start at 1.0, 0.25 for GC (CyCLIP).
+# P2 does not give its weights in the main text; docs/math.md §4: start at 1.0, 0.25 for GC (CyCLIP).
 DEFAULT_WEIGHTS = {"separation": 1.0, "bridge": 1.0, "geometric": 0.25}
 
 # Wang & Isola uniformity with t = 2: exp(−2‖u − w‖²) = exp(4·u·w − 4) for unit vectors.
@@ -58,7 +57,7 @@ def _check_same(**tensors: Optional[Tensor]) -> tuple[int, int]:
     """All given tensors: 2-D float, non-empty, one shape (N, D), one dtype, one device."""
     first_name, first = None, None
     for name, x in tensors.items():
-        F._check_matrix(name, x)
+        _checks.check_matrix(name, x)
         if first is None:
             first_name, first = name, x
             continue
@@ -162,7 +161,7 @@ class _GeometricConsistency(torch.autograd.Function):
 def geometric_consistency_loss(image_features: Tensor, text_features: Tensor,
                                image_aug: Optional[Tensor] = None,
                                text_aug: Optional[Tensor] = None) -> Tensor:
-    """Geometric consistency ``L_GC`` (+ ``L_GCᵃ`` when augmented views are given), math.md §4.
+    """Geometric consistency ``L_GC`` (+ ``L_GCᵃ`` when augmented views are given), docs/math.md §4.
 
     ::
 
@@ -176,7 +175,7 @@ def geometric_consistency_loss(image_features: Tensor, text_features: Tensor,
 
         N·L_GC = ‖PMᵀ‖²_F = ⟨PᵀP, MᵀM⟩_F        (two D×D Gram matrices)
 
-    — equal to math.md's ``2⟨G_V, G_T⟩ − 2tr(C·C) + ‖G_V‖² + ‖G_T‖² − 2‖C‖²`` but without its
+    — equal to docs/math.md's ``2⟨G_V, G_T⟩ − 2tr(C·C) + ‖G_V‖² + ‖G_T‖² − 2‖C‖²`` but without its
     cancellation when ``V ≈ T`` (every term here is O(‖V − T‖²)). Each ``L_GCᵃ`` pair term is
     ``‖VVᵀ − VᵃVᵃᵀ‖²_F = ½(⟨PᵀP, MᵀM⟩ + tr((PᵀM)²))`` with ``P = V + Vᵃ``, ``M = V − Vᵃ``.
     Cost O(N·D²) time; memory O(D²) saved for the backward plus O(N·D) temporaries one pair at a
@@ -248,7 +247,7 @@ def brownian_bridge_loss(image_features: Tensor, text_features: Tensor, image_au
                          t: Union[float, Tensor, str] = 0.25, *, detach_bridge: bool = False,
                          generator: Optional[torch.Generator] = None,
                          eps: float = 1e-12) -> Tensor:
-    """Brownian-bridge loss ``L_Br = (1/N) Σ_j ‖vᵃ_j − μ_j‖²``, math.md §4.
+    """Brownian-bridge loss ``L_Br = (1/N) Σ_j ‖vᵃ_j − μ_j‖²``, docs/math.md §4.
 
     ``μ_j = normalize(t·v_j + (1 − t)·t_j)``: the bridge from image ``v_j`` to text ``t_j`` at time
     ``t`` (P2 fixes t = 0.25, so μ lies closer to the text). This is the squared distance that P2's
@@ -289,7 +288,7 @@ def brownian_bridge_loss(image_features: Tensor, text_features: Tensor, image_au
 def uniformity_loss(features: Tensor, *, form: str = "dot", backend: str = "auto") -> Tensor:
     """Uniformity ``log mean_jk exp(−2‖z_j − z_k‖²)`` (Wang & Isola, t = 2), fused (no N×N matrix).
 
-    ``form="dot"`` (default, math.md §4): for unit vectors ``exp(−2‖u − w‖²) = exp(4·u·w − 4)``,
+    ``form="dot"`` (default, docs/math.md §4): for unit vectors ``exp(−2‖u − w‖²) = exp(4·u·w − 4)``,
     so the loss is one log-sum-exp over all N² pairs at logit scale 4:
     ``logsumexp_j(r_j) − 2·log N − 4`` with ``r`` the row log-sum-exp of the fused forward
     ``lse_stats(z, z, 4.0)``. Its value equals the distance form on the unit sphere; its gradient
@@ -300,7 +299,7 @@ def uniformity_loss(features: Tensor, *, form: str = "dot", backend: str = "auto
     ``4·q_j·k_k = −2‖z_j − z_k‖²``, so the loss is ``logsumexp_j(r_j) − 2·log N`` with
     ``r`` from ``lse_stats(q, k, 4.0)`` (D + 2 columns).
 
-    As in math.md the mean runs over **all** pairs, the diagonal ``j = k`` included (each
+    As in docs/math.md the mean runs over **all** pairs, the diagonal ``j = k`` included (each
     contributes exp(0) = 1; Wang & Isola's reference code uses ``pdist``, i.e. ``j < k`` only).
 
     Args:
@@ -311,7 +310,7 @@ def uniformity_loss(features: Tensor, *, form: str = "dot", backend: str = "auto
     """
     (n, _) = _check_same(features=features)
     if form == "dot":
-        row, _, _ = F.lse_stats(features, features, UNIFORMITY_SCALE, None, compute_col=False,
+        row, _, _ = functional.lse_stats(features, features, UNIFORMITY_SCALE, None, compute_col=False,
                                 backend=backend)
         return torch.logsumexp(row, dim=0) - 2.0 * math.log(n) - UNIFORMITY_SCALE
     if form != "distance":
@@ -321,7 +320,7 @@ def uniformity_loss(features: Tensor, *, form: str = "dot", backend: str = "auto
     one = torch.ones_like(half_sq)
     q = torch.cat([z, one, -half_sq], dim=1)
     k = torch.cat([z, -half_sq, one], dim=1)
-    row, _, _ = F.lse_stats(q, k, UNIFORMITY_SCALE, None, compute_col=False, backend=backend)
+    row, _, _ = functional.lse_stats(q, k, UNIFORMITY_SCALE, None, compute_col=False, backend=backend)
     return torch.logsumexp(row, dim=0) - 2.0 * math.log(n)
 
 
@@ -329,7 +328,7 @@ def feature_separation_loss(shared_image: Tensor, shared_text: Tensor, private_i
                             private_text: Tensor, private_image_aug: Tensor,
                             private_text_aug: Tensor, logit_scale: ScaleLike, *,
                             output_dict: bool = False, backend: str = "auto"):
-    """Deep feature separation ``L_Sep = L_Ortho + Lᶦ_Con + Lᶦ_Uni``, math.md §4.
+    """Deep feature separation ``L_Sep = L_Ortho + Lᶦ_Con + Lᶦ_Uni``, docs/math.md §4.
 
     A second projection head gives a modality-specific ("private") feature ``zᶦ`` beside the shared
     feature ``z`` that gets the cross-modal contrastive loss.
@@ -361,8 +360,8 @@ def feature_separation_loss(shared_image: Tensor, shared_text: Tensor, private_i
                        private_image_aug=private_image_aug, private_text_aug=private_text_aug)
     ortho = (((_acc(shared_image) * _acc(private_image)).sum(1)) ** 2
              + ((_acc(shared_text) * _acc(private_text)).sum(1)) ** 2).mean()
-    con = (F.info_nce(private_image, private_image_aug, logit_scale, backend=backend)
-           + F.info_nce(private_text, private_text_aug, logit_scale, backend=backend))
+    con = (functional.info_nce(private_image, private_image_aug, logit_scale, backend=backend)
+           + functional.info_nce(private_text, private_text_aug, logit_scale, backend=backend))
     uni = (uniformity_loss(private_image, backend=backend)
            + uniformity_loss(private_text, backend=backend))
     total = ortho + con + uni
@@ -391,9 +390,9 @@ def modality_contrastive_loss(image_features: Tensor, text_features: Tensor, ima
     """
     _check_same(image_features=image_features, text_features=text_features, image_aug=image_aug,
                 text_aug=text_aug)
-    clip = F.clip_loss(image_features, text_features, logit_scale, backend=backend)
-    v2v = F.info_nce(image_features, image_aug, logit_scale, backend=backend)
-    t2t = F.info_nce(text_features, text_aug, logit_scale, backend=backend)
+    clip = functional.clip_loss(image_features, text_features, logit_scale, backend=backend)
+    v2v = functional.info_nce(image_features, image_aug, logit_scale, backend=backend)
+    t2t = functional.info_nce(text_features, text_aug, logit_scale, backend=backend)
     total = 0.5 * clip + 0.25 * (v2v + t2t)
     if output_dict:
         return {"clip": clip, "image_image": v2v, "text_text": t2t, "contrastive_loss": total}
@@ -505,7 +504,7 @@ class ModalityStructureLoss(nn.Module):
                 image_features, text_features, image_aug, text_aug, logit_scale,
                 backend=self.backend)
         else:
-            terms["contrastive_loss"] = F.clip_loss(image_features, text_features, logit_scale,
+            terms["contrastive_loss"] = functional.clip_loss(image_features, text_features, logit_scale,
                                                     backend=self.backend)
         if self.separation > 0:
             scale = logit_scale if self.private_logit_scale is None else self.private_logit_scale

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import functional as F
+from . import functional
 
 __all__ = ["ClipLoss", "InfoNCELoss"]
 
@@ -23,7 +23,7 @@ class InfoNCELoss(nn.Module):
         self.backend = backend
 
     def forward(self, query: Tensor, keys: Tensor, logit_scale, labels: Optional[Tensor] = None):
-        return F.info_nce(query, keys, logit_scale, labels, reduction=self.reduction,
+        return functional.info_nce(query, keys, logit_scale, labels, reduction=self.reduction,
                           backend=self.backend)
 
 
@@ -99,18 +99,18 @@ class ClipLoss(nn.Module):
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
                 logit_bias=None, output_dict: bool = False):
         if self.world_size == 1:
-            loss = F.clip_loss(image_features, text_features, logit_scale, logit_bias,
+            loss = functional.clip_loss(image_features, text_features, logit_scale, logit_bias,
                                backend=self.backend)
         else:
-            from . import distributed as D
-            D.check_rank_world(self.rank, self.world_size)
+            from . import distributed
+            distributed.check_rank_world(self.rank, self.world_size)
             if self.ring:
-                loss = D.ring_clip_loss(image_features, text_features, logit_scale, logit_bias,
+                loss = distributed.ring_clip_loss(image_features, text_features, logit_scale, logit_bias,
                                         backend=self.backend)
             else:
                 labels = (self._local_labels(image_features.shape[0], image_features.device)
                           if self.local_loss else None)
-                loss = D.gathered_clip_loss(
+                loss = distributed.gathered_clip_loss(
                     image_features, text_features, logit_scale, logit_bias,
                     local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
                     rank=self.rank, world_size=self.world_size, labels=labels,

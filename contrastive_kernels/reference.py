@@ -1,4 +1,4 @@
-"""Dense reference formulas (math.md §1 and §3) — the ground truth every test compares against.
+"""Dense reference formulas (docs/math.md §1 and §3) — the ground truth every test compares against.
 
 These materialise the full N×M logit matrix, so they are for checking, not for training at scale.
 They deliberately import nothing from the rest of the package: a bug in the fused path cannot leak
@@ -50,7 +50,7 @@ def lse_stats(query: Tensor, keys: Tensor, logit_scale, labels: Optional[Tensor]
 
 def info_nce(query: Tensor, keys: Tensor, logit_scale, labels: Optional[Tensor] = None,
              reduction: str = "mean") -> Tensor:
-    """ℓ_i = −S_{i,l_i} + log Σ_j exp(S_ij) (math.md §1), reduced."""
+    """ℓ_i = −S_{i,l_i} + log Σ_j exp(S_ij) (docs/math.md §1), reduced."""
     s = logits(query, keys, logit_scale)
     lab = _labels(query.shape[0], labels, query.device)
     per_sample = torch.logsumexp(s, dim=1) - s.gather(1, lab[:, None]).squeeze(1)
@@ -70,7 +70,7 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
 
 def gamma_contrastive_loss(query: Tensor, keys: Tensor, logit_scale, log_u: Tensor,
                            labels: Optional[Tensor] = None, reduction: str = "mean"):
-    """Decomposable loss of math.md §3 given fixed ``log_u`` (N,).
+    """Decomposable loss of docs/math.md §3 given fixed ``log_u`` (N,).
 
     ℓ̃_i = −S_{i,l_i} + u_i·Ẑ_i with Ẑ_i = (1/M)·Σ_j exp(S_ij). Returns ``(loss, log_z)`` where
     ``log_z = log Ẑ_i`` is detached. ``u`` receives no gradient.

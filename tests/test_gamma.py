@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from contrastive_kernels import functional as CF
+import contrastive_kernels as ck
 from contrastive_kernels import reference
 from contrastive_kernels.gamma import GammaContrastiveLoss
 
@@ -142,10 +142,10 @@ def test_decomposable_minibatch_gradient_is_unbiased_infonce_is_not():
     ref_q, ref_k = torch.autograd.grad(full, (q, keys))
     with torch.no_grad():
         log_u = -(torch.logsumexp(s * q @ keys.T, 1) - math.log(m))  # u = 1/Z of the full data
-    dec_q, dec_k = _partition_grads(CF.gamma_contrastive_loss, q, keys, s, chunks, log_u)
+    dec_q, dec_k = _partition_grads(ck.gamma_contrastive_loss, q, keys, s, chunks, log_u)
     torch.testing.assert_close(dec_q, ref_q, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(dec_k, ref_k, rtol=1e-10, atol=1e-12)
-    nce_q, nce_k = _partition_grads(CF.info_nce, q, keys, s, chunks)
+    nce_q, nce_k = _partition_grads(ck.info_nce, q, keys, s, chunks)
     assert (nce_q - ref_q).abs().max() > 1e-2
     assert (nce_k - ref_k).abs().max() > 1e-2
 
@@ -190,11 +190,11 @@ def test_split_api_reproduces_forward():
     for k in range(3):
         x = img * (1 + 0.3 * k)
         la = a(x, txt, idx, 2.0)
-        row, col, pos = CF.lse_stats(x, txt, 2.0, compute_col=True, backend=BACKEND)
+        row, col, pos = ck.lse_stats(x, txt, 2.0, compute_col=True, backend=BACKEND)
         lr = b.e_step(idx, row - math.log(6), "row")
         lc = b.e_step(idx, col - math.log(6), "col")
-        l1, _ = CF.gamma_contrastive_loss(x, txt, 2.0, lr, backend=BACKEND)
-        l2, _ = CF.gamma_contrastive_loss(txt, x, 2.0, lc, backend=BACKEND)
+        l1, _ = ck.gamma_contrastive_loss(x, txt, 2.0, lr, backend=BACKEND)
+        l2, _ = ck.gamma_contrastive_loss(txt, x, 2.0, lc, backend=BACKEND)
         torch.testing.assert_close(la, 0.5 * (l1 + l2), rtol=1e-12, atol=1e-12)
     assert not lr.requires_grad
 

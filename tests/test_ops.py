@@ -5,6 +5,7 @@ import torch
 
 import contrastive_kernels  # noqa: F401  (registers the ops)
 from contrastive_kernels import backends
+from contrastive_kernels._types import stat_dtype
 from helpers import assert_close_f64, make_labels
 
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor",
@@ -18,7 +19,7 @@ def _inputs(dtype, with_labels, requires_grad, n=7, m=13, d=5):
     n, m = (n, m) if not with_labels else (m, n)
     q = torch.randn(n, d, generator=g, dtype=dtype).requires_grad_(requires_grad)
     k = torch.randn(m, d, generator=g, dtype=dtype).requires_grad_(requires_grad)
-    scale = torch.tensor(3.0, dtype=backends.stat_dtype(dtype)).requires_grad_(requires_grad)
+    scale = torch.tensor(3.0, dtype=stat_dtype(dtype)).requires_grad_(requires_grad)
     labels = make_labels(n, m) if with_labels else None
     return q, k, scale, labels
 
@@ -40,7 +41,7 @@ def test_opcheck_lse_bwd(fused_backend_plain, dtype, with_labels, compute_col):
     q, k, scale, labels = _inputs(dtype, with_labels, requires_grad=False)
     row, col, _ = torch.ops.contrastive_kernels.lse_fwd(q, k, scale, labels, compute_col,
                                                        fused_backend_plain)
-    st = backends.stat_dtype(dtype)
+    st = stat_dtype(dtype)
     g = torch.Generator().manual_seed(1)
     grad_row = torch.randn(q.shape[0], generator=g, dtype=st)
     grad_col = torch.randn(k.shape[0], generator=g, dtype=st) if compute_col else None
@@ -57,7 +58,7 @@ def test_lse_fwd_shapes_and_dtypes(fused_backend_plain):
         q, k, scale, _ = _inputs(dtype, False, requires_grad=False)
         row, col, pos = torch.ops.contrastive_kernels.lse_fwd(q, k, scale, None, compute_col,
                                                              fused_backend_plain)
-        st = backends.stat_dtype(dtype)
+        st = stat_dtype(dtype)
         assert row.shape == (q.shape[0],) and pos.shape == (q.shape[0],)
         assert col.shape == ((k.shape[0],) if compute_col else (0,))
         assert row.dtype == col.dtype == pos.dtype == st

@@ -1,4 +1,4 @@
-"""Triton backend callables (contrastive_kernels/triton_kernels) against a dense float64 formula.
+"""Triton backend callables (contrastive_kernels/backends/triton) against a dense float64 formula.
 
 On a CPU-only machine these run in triton's interpreter (TRITON_INTERPRET=1, set by conftest.py and
 defensively here): float32/float16 only, sides <= ~256. The GPU-only tests at N = M = 32768 are
@@ -16,9 +16,10 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from contrastive_kernels import triton_kernels as tk  # noqa: E402
-from contrastive_kernels.triton_kernels import lse_bwd_triton, lse_fwd_triton  # noqa: E402
-from contrastive_kernels.triton_kernels import lse as tl_lse  # noqa: E402
+from contrastive_kernels.backends import triton as tk  # noqa: E402
+from contrastive_kernels.backends.triton import lse_bwd as lse_bwd_triton  # noqa: E402
+from contrastive_kernels.backends.triton import lse_fwd as lse_fwd_triton  # noqa: E402
+from contrastive_kernels.backends.triton import tuning as tl_lse  # noqa: E402
 from helpers import assert_relative_rule  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -252,7 +253,7 @@ def test_fp32_tf32_decision_follows_torch_under_both_apis(setting, expected):
     assert tl_lse.fp32_matmul_uses_tf32() is False
 
 
-# the GPU config list (what _fwd_configs returns outside the interpreter)
+# the GPU config list (what tuning.fwd_configs returns outside the interpreter)
 _GPU_FWD_CONFIGS = [
     triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3),
@@ -268,16 +269,16 @@ _GPU_FWD_CONFIGS = [
     (torch.float32, 64, False, [64, 128, 64]),    # D = 512 chunked: 196608 B at most
 ])
 def test_forward_autotune_prunes_configs_over_shared_memory(monkeypatch, dtype, block_d, d_single, kept_block_n):
-    monkeypatch.setattr(tl_lse, "_smem_limit", lambda device: 227 * 1024)
+    monkeypatch.setattr(tl_lse, "smem_limit", lambda device: 227 * 1024)
     q = torch.empty(8, 8, dtype=dtype)
-    kept = tl_lse._prune_fwd_by_smem(_GPU_FWD_CONFIGS, {"Q": q}, BLOCK_M=128, BLOCK_D=block_d,
+    kept = tl_lse.prune_fwd_by_smem(_GPU_FWD_CONFIGS, {"Q": q}, BLOCK_M=128, BLOCK_D=block_d,
                                      D_SINGLE=d_single)
     assert [c.kwargs["BLOCK_N"] for c in kept] == kept_block_n
 
 
 def test_forward_autotune_prune_keeps_smallest_when_none_fits(monkeypatch):
-    monkeypatch.setattr(tl_lse, "_smem_limit", lambda device: 1024)
-    kept = tl_lse._prune_fwd_by_smem(_GPU_FWD_CONFIGS, {"Q": torch.empty(1, 1)}, BLOCK_M=128,
+    monkeypatch.setattr(tl_lse, "smem_limit", lambda device: 1024)
+    kept = tl_lse.prune_fwd_by_smem(_GPU_FWD_CONFIGS, {"Q": torch.empty(1, 1)}, BLOCK_M=128,
                                      BLOCK_D=128, D_SINGLE=True)
     assert len(kept) == 1 and kept[0] is _GPU_FWD_CONFIGS[0]  # 64 × 3 stages: the smallest
 

@@ -209,13 +209,13 @@ def main(argv=None) -> int:
         return 1 if args.strict else 0
     from triton.runtime.driver import driver
 
-    from contrastive_kernels.triton_kernels import lse
+    from contrastive_kernels.backends.triton import backward, forward, tuning
 
     cuobjdump = _find_cuobjdump()
     limit = SMEM_LIMIT.get(args.arch, 99 * 1024)
     driver.set_active(_TargetOnlyDriver(GPUTarget("cuda", args.arch, 32)))
-    lse._num_sms = lambda device: H100_SMS  # plan splits / launches as on an H100
-    lse._smem_limit = lambda device: limit     # and prune autotune configs for the target
+    tuning.num_sms = lambda device: H100_SMS  # plan splits / launches as on an H100
+    tuning.smem_limit = lambda device: limit     # and prune autotune configs for the target
     print(f"triton_offline_compile: triton {triton.__version__}, torch {torch.__version__}, "
           f"target sm_{args.arch}, shared-memory limit {limit} B, cuobjdump: {cuobjdump or 'none'}")
 
@@ -234,9 +234,10 @@ def main(argv=None) -> int:
             c.regs, c.stack = _resource_usage(k.asm["cubin"], cuobjdump)
         seen[key] = c
 
-    originals = {n: getattr(lse, n) for n in ("_lse_fwd_kernel", "_lse_bwd_kernel", "_lse_merge_kernel")}
-    for n, k in originals.items():
-        setattr(lse, n, _CompileInsteadOfLaunch(n.strip("_"), k, record))
+    kernels = [(forward, "_lse_fwd_kernel"), (forward, "_lse_merge_kernel"), (backward, "_lse_bwd_kernel")]
+    originals = {(mod, n): getattr(mod, n) for mod, n in kernels}
+    for (mod, n), k in originals.items():
+        setattr(mod, n, _CompileInsteadOfLaunch(n.strip("_"), k, record))
 
     failures: list[str] = []
     t0 = time.time()
@@ -254,10 +255,10 @@ def main(argv=None) -> int:
                 k = torch.randn(case.m, case.d).to(dtype)
                 s = torch.tensor(10.0)
                 lab = torch.randint(0, case.m, (case.n,)) if case.labels else None
-                with lse.tuning(**case.tuning):
-                    lse.lse_fwd_triton(q, k, s, lab, case.compute_col)
+                with tuning.tuning(**case.tuning):
+                    forward.lse_fwd(q, k, s, lab, case.compute_col)
                     g = case.grads.split(",")
-                    lse.lse_bwd_triton(
+                    backward.lse_bwd(
                         q, k, s, lab, torch.zeros(case.n), torch.zeros(case.m if case.compute_col else 0),
                         torch.ones(case.n) if "row" in g else None,
                         torch.ones(case.m) if "col" in g and case.compute_col else None,
@@ -268,8 +269,8 @@ def main(argv=None) -> int:
                 failures.append(msg)
                 print(f"  case {case.name:<28} FAIL {msg}")
     finally:
-        for n, k in originals.items():
-            setattr(lse, n, k)
+        for (mod, n), k in originals.items():
+            setattr(mod, n, k)
         torch.set_float32_matmul_precision(old_prec)
 
     rows = sorted(seen.values(), key=lambda c: (c.kernel, c.case, c.num_warps, c.num_stages))

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import functional as CF
+from .. import functional
 from ..gamma import GammaContrastiveLoss
 from . import _common
 
@@ -152,7 +152,7 @@ def train_one(method: str, batch: int, seed: int, cfg: Config, data, backend: st
             x = xtr[idx]
             z1, z2 = model(augment(x, cfg, aug_gen)), model(augment(x, cfg, aug_gen))
             if loss_fn is None:
-                loss = CF.clip_loss(z1, z2, scale, backend=backend)
+                loss = functional.clip_loss(z1, z2, scale, backend=backend)
                 nce = loss.detach()
             else:
                 out = loss_fn(z1, z2, idx, scale, output_dict=True)
@@ -235,7 +235,8 @@ def plot(runs: list, rows, base: dict, cfg: Config, path: str) -> None:
 def parse_args(argv):
     d = Config()
     p = argparse.ArgumentParser(prog="contrastive-kernels experiment digits",
-                                description=__doc__.split("\n\n")[0])
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                    help=f"default {list(d.batch_sizes)} ({[16, 64]} with --quick)")
     p.add_argument("--methods", nargs="+", default=list(d.methods), choices=METHODS)

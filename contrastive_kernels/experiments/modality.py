@@ -40,7 +40,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import functional as F
 from ..modality import ModalityStructureLoss
 from ._common import environment_line, format_table, pick_backend, pyplot, write_csv
 
@@ -308,10 +307,14 @@ def plot(summary, path: str, cfg: Config) -> None:
     plt.close(fig)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="contrastive-kernels experiment modality",
                                 description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=_HelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     p.add_argument("--methods", default=",".join(METHODS),
@@ -377,6 +380,9 @@ def main(argv=None) -> int:
                 "the image-only label, etc.; `pos_cos` = mean cosine of matched test pairs; "
                 "`i2t_r1` = image→text top-1 retrieval among 1024 test pairs.\n\n")
         f.write(text + "\n")
+    stem = os.path.join(args.out, args.prefix)
+    print(f"wrote {stem}_results.csv, {stem}_summary.csv, {stem}_results.png, {stem}_results.md",
+          file=sys.stderr)
     return 0
 
 

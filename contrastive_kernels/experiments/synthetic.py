@@ -1,4 +1,4 @@
-"""Experiment 1 — the known-optimum problem of math.md §3: does each method find θ* = 1?
+"""Experiment 1 — the known-optimum problem of docs/math.md §3: does each method find θ* = 1?
 
 Problem (one scalar parameter θ). A finite set of ``n`` anchors, anchor ``i`` with an offset
 ``μ_i ~ U(−offset, offset)``. Each step draws a batch of ``B`` anchors (epochs of a shuffled
@@ -45,7 +45,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .. import functional as CF
+from .. import functional
 from ..gamma import GammaContrastiveLoss
 from . import _common
 
@@ -139,7 +139,7 @@ def run_cell(method: str, sigma: float, cfg: Config, seeds: list[int], backend: 
         mu_rows = mu.gather(1, idx).reshape(-1)
         query, keys, labels = _block_features(theta, mu_rows, x, sigma, runs, b)
         if loss_fn is None:
-            loss = CF.info_nce(query, keys, 1.0, labels, backend=backend)
+            loss = functional.info_nce(query, keys, 1.0, labels, backend=backend)
         else:
             index = (idx + torch.arange(runs)[:, None] * n).reshape(-1)
             loss = loss_fn(query, keys, index, 1.0, labels=labels)
@@ -229,7 +229,8 @@ def plot(results, cfg: Config, path: str) -> None:
 def parse_args(argv) -> tuple[Config, argparse.Namespace]:
     d = Config()
     p = argparse.ArgumentParser(prog="contrastive-kernels experiment synthetic",
-                                description=__doc__.split("\n\n")[0])
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--noises", type=float, nargs="+", default=list(d.noises), help="σ values")
     p.add_argument("--seeds", type=int, default=d.seeds, help="runs per (method, σ)")
     p.add_argument("--methods", nargs="+", default=list(d.methods), choices=METHODS)

@@ -7,7 +7,8 @@ statistics, so every backend (reference, chunked, cpu, triton, cuda) serves ever
 single ``torch.library.custom_op`` pair. The ops are opaque to ``torch.compile`` (no graph breaks)
 and testable with ``torch.library.opcheck``.
 
-The ``backend`` argument is a concrete backend name, already resolved by ``backends.resolve``.
+The ``backend`` argument is a concrete backend name, already resolved by ``backends.resolve``;
+the op calls that backend's callables (``backends.implementation``).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import implementation, stat_dtype
+from .._types import stat_dtype
+from ..backends import implementation
 
 __all__ = ["lse_fwd", "lse_bwd"]
 

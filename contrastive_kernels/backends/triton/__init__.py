@@ -1,0 +1,69 @@
+"""``triton`` backend: fused Triton kernels of the op families (docs/internals.md).
+
+==============  ================================================================================
+``tuning.py``   host choices: tile sizes, autotune configs, shared-memory model, column splits,
+                fp32 input precision, the ``CK_TRITON_*`` knobs
+``tiles.py``    ``@triton.jit`` logit-tile loop shared by forward and backward
+``forward.py``  row/column log-sum-exp + positives (+ the partial merge, the CAS column merge)
+``backward.py`` feature gradients, three modes (fused, two_pass, gemm)
+==============  ================================================================================
+
+Importing this package never imports triton: the kernels are loaded on first use, so
+``import contrastive_kernels`` works on a bare CPU torch. On a CUDA machine the kernels run on CUDA
+tensors. Without CUDA they run in triton's interpreter on CPU tensors only when the caller has set
+``TRITON_INTERPRET=1`` before triton is first imported (the test suite and the GPU kit's dry run do;
+the library never sets any environment variable). Under the interpreter, bfloat16 is upcast to
+float32 (the interpreter computes it wrongly) and tiles are small: it is for testing, not speed.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["available", "lse_fwd", "lse_bwd"]
+
+
+def available() -> tuple[bool, str]:
+    """(usable, reason). True on CUDA when triton imports; on CPU only when TRITON_INTERPRET=1."""
+    import importlib.util
+
+    import torch
+
+    try:
+        installed = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a module entry of None (deliberately blocked) or broken
+        installed = False
+    if not installed:
+        return False, "triton is not installed (pip install triton; Linux only)"
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if not torch.cuda.is_available() and not interpret:
+        return False, ("no CUDA device, and TRITON_INTERPRET is not 1 (the triton interpreter runs "
+                       "CPU tensors, for testing)")
+    try:
+        import triton
+    except Exception as e:
+        return False, f"triton is not importable ({type(e).__name__}: {e})"
+    if interpret:
+        return True, (f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1): CPU tensors only; "
+                      "slow, for testing")
+    return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+
+
+def _load(stage: str):
+    import importlib
+
+    try:
+        return importlib.import_module(f".{stage}", __name__)
+    except ImportError as e:
+        raise RuntimeError(f"triton backend unavailable: {e}") from e
+
+
+def lse_fwd(query, keys, scale, labels, compute_col):
+    """Backend ``lse_fwd`` callable; see ``forward.lse_fwd``."""
+    return _load("forward").lse_fwd(query, keys, scale, labels, compute_col)
+
+
+def lse_bwd(query, keys, scale, labels, row_lse, col_lse, grad_row, grad_col, grad_pos):
+    """Backend ``lse_bwd`` callable; see ``backward.lse_bwd``."""
+    return _load("backward").lse_bwd(query, keys, scale, labels, row_lse, col_lse,
+                                     grad_row, grad_col, grad_pos)

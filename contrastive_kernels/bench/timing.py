@@ -1,0 +1,166 @@
+"""The one timer of every benchmark, and the roof it is compared with.
+
+Timer kinds:
+
+* ``perf_counter`` (CPU default): wall time of one call;
+* ``process_time``: CPU time of the process (all threads) — stable when comparing variants on a
+  busy machine (a preempted thread accrues none), but not a latency;
+* ``events`` (CUDA): CUDA events around one call, synchronised once after it;
+* ``do_bench`` (CUDA default when triton is importable): one sample = ``triton.testing.do_bench``'s
+  median over ~50 ms of calls with the L2 cache flushed between them.
+
+Modes, the same for every provider and op family: ``fwd`` = the training forward (inputs require
+grad, the graph is recorded and dropped); ``bwd`` = ``loss.backward()`` of a fresh forward's graph,
+timed alone (the forward before it is untimed; so ``do_bench`` cannot be used and ``events`` is);
+``fwd_bwd`` = both.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Optional
+
+import torch
+
+MODES = ("fwd", "bwd", "fwd_bwd")
+
+
+def percentile(values: list, q: float) -> float:
+    """Linear-interpolated percentile, q in [0, 100]."""
+    xs = sorted(values)
+    if not xs:
+        return float("nan")
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def default_timer(device: torch.device, mode: str) -> str:
+    if device.type != "cuda":
+        return "perf_counter"
+    if mode == "bwd":
+        return "events"
+    import importlib.util
+    try:
+        return "do_bench" if importlib.util.find_spec("triton.testing") else "events"
+    except (ImportError, ValueError):
+        return "events"
+
+
+def _do_bench_median(body: Callable, grads) -> float:
+    import triton.testing
+    try:
+        out = triton.testing.do_bench(body, warmup=5, rep=50, grad_to_none=grads, return_mode="median")
+    except TypeError:  # older triton: no return_mode
+        out = triton.testing.do_bench(body, warmup=5, rep=50, grad_to_none=grads, quantiles=[0.5])
+    return float(out[0] if isinstance(out, (list, tuple)) else out)
+
+
+class Timer:
+    """Times one call of ``fn(*inputs)`` in a mode; returns milliseconds."""
+
+    def __init__(self, device: torch.device, kind: str):
+        if kind in ("events", "do_bench") and device.type != "cuda":
+            raise ValueError(f"timer {kind!r} needs a CUDA device")
+        self.device, self.kind = device, kind
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def measure(self, fn: Callable, inputs: tuple, mode: str,
+                grads: Optional[list] = None) -> float:
+        grads = grads if grads is not None else [t for t in inputs if isinstance(t, torch.Tensor)
+                                                 and t.requires_grad]
+        for t in grads:
+            t.grad = None
+        if mode == "bwd":
+            loss = fn(*inputs)
+            self._sync()
+            return self.span(loss.backward)
+        if mode == "fwd":
+            def body():
+                return fn(*inputs)  # the graph is freed after the clock stops
+        elif mode == "fwd_bwd":
+            def body():
+                fn(*inputs).backward()
+        else:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if self.kind == "do_bench":
+            return _do_bench_median(body, grads)
+        return self.span(body)
+
+    def span(self, body: Callable) -> float:
+        """Milliseconds of one ``body()`` call by this timer's clock (``do_bench``: CUDA events)."""
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            keep = body()
+            end.record()
+            end.synchronize()
+            del keep
+            return float(start.elapsed_time(end))
+        clock = time.process_time if self.kind == "process_time" else time.perf_counter
+        t0 = clock()
+        keep = body()
+        ms = (clock() - t0) * 1e3
+        del keep
+        return ms
+
+
+# ---------------------------------------------------------------------------------------------
+# roofs: the same run's dense matmul rate and copy bandwidth
+# ---------------------------------------------------------------------------------------------
+
+def _mm_ms(a: torch.Tensor, b: torch.Tensor, timer: Timer, repeats: int) -> list:
+    torch.mm(a, b)  # warm-up
+    return [timer.span(lambda: torch.mm(a, b)) for _ in range(repeats)]
+
+
+def gemm_ceiling(device: torch.device, dtype: torch.dtype, n: int, d: int, timer: Timer,
+                 repeats: int = 5, seed: int = 0) -> dict:
+    """A ceiling for a fused kernel's FLOP rate on this machine, measured now.
+
+    CPU: the single-thread ``torch.mm`` rate of (n×d)·(d×n) times the thread count — what one
+    single-threaded GEMM per core reaches (our CPU kernels run exactly that, one tile GEMM per
+    thread, so a multi-threaded mm, whose threading overheads they avoid, is no ceiling: they beat
+    it). GPU: the best of ``torch.mm`` at 8192³ and at (16384×d)·(d×16384) in this dtype (cuBLAS
+    at its best shape, and at the problem's aspect).
+    Returns ``{"tflops", "ms" (list, of the shape the rate came from), "note", "n", "d"}``.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    mm_dtype = dtype if device.type == "cuda" or dtype != torch.float64 else torch.float64
+    if device.type == "cpu":
+        if mm_dtype in (torch.float16, torch.bfloat16):
+            mm_dtype = torch.float32  # the CPU kernels convert 16-bit inputs to float32 once
+        a = torch.randn(n, d, generator=gen, dtype=mm_dtype)
+        b = torch.randn(d, n, generator=gen, dtype=mm_dtype)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            ms = _mm_ms(a, b, timer, repeats)
+        finally:
+            torch.set_num_threads(threads)
+        rate = 2.0 * n * n * d / (percentile(ms, 50) * 1e-3) / 1e12 * threads
+        return dict(tflops=rate, ms=ms, n=n, d=d,
+                    note=f"1-thread torch.mm ({n}x{d})·({d}x{n}) {mm_dtype} × {threads} threads")
+    best = None
+    for rows, inner in ((8192, 8192), (16384, d)):
+        a = torch.randn(rows, inner, generator=gen).to(device=device, dtype=mm_dtype)
+        b = torch.randn(inner, rows, generator=gen).to(device=device, dtype=mm_dtype)
+        ms = _mm_ms(a, b, timer, repeats)
+        rate = 2.0 * rows * rows * inner / (percentile(ms, 50) * 1e-3) / 1e12
+        if best is None or rate > best["tflops"]:
+            best = dict(tflops=rate, ms=ms, n=rows, d=inner,
+                        note=f"torch.mm ({rows}x{inner})·({inner}x{rows}) {mm_dtype}")
+        del a, b
+    return best
+
+
+def copy_bandwidth(device: torch.device, timer: Timer, mib: int = 1024, repeats: int = 5) -> float:
+    """Device-to-device copy bandwidth in GB/s (read + write counted)."""
+    x = torch.empty(mib << 18, device=device)  # float32: mib MiB
+    y = torch.empty_like(x)
+    y.copy_(x)
+    ms = [timer.span(lambda: y.copy_(x)) for _ in range(repeats)]
+    return 2 * x.numel() * 4 / (percentile(ms, 50) * 1e-3) / 1e9

@@ -1,0 +1,91 @@
+"""Plumbing shared by the distributed losses: process-group checks, the ring of neighbours,
+size exchange and variable-length all-gather. Every function is SPMD: all ranks of the group must
+make the same calls in the same order."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def require_initialized(what: str) -> None:
+    if not dist.is_available():
+        raise RuntimeError(f"{what} needs torch.distributed, which this torch build lacks")
+    if not dist.is_initialized():
+        raise RuntimeError(f"{what} needs an initialised default process group "
+                           "(torch.distributed.init_process_group) when world_size > 1")
+
+
+def check_rank_world(rank: int, world_size: int, group=None, what: str = "ClipLoss") -> None:
+    """Raise ``ValueError`` when (rank, world_size) disagree with the process group."""
+    require_initialized(what)
+    real_w, real_r = dist.get_world_size(group), dist.get_rank(group)
+    if (real_r, real_w) != (rank, world_size):
+        raise ValueError(f"{what}(rank={rank}, world_size={world_size}) does not match the process "
+                         f"group: this process is rank {real_r} of {real_w}")
+
+
+def collective_device(like: Tensor, group) -> torch.device:
+    # NCCL only moves CUDA tensors; gloo moves CPU tensors (and CUDA ones for a few collectives).
+    return like.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
+def exchange_sizes(query: Tensor, keys: Tensor, group) -> list[tuple[int, int, int]]:
+    """(N_q, M_k, D) of every rank: one tiny all_gather, so receive buffers have the right size and a
+    mismatch fails with a clear error on every rank instead of hanging or corrupting a receive."""
+    w = dist.get_world_size(group)
+    dev = collective_device(query, group)
+    mine = torch.tensor([query.shape[0], keys.shape[0], query.shape[1]], dtype=torch.int64,
+                        device=dev)
+    allsz = [torch.empty_like(mine) for _ in range(w)]
+    dist.all_gather(allsz, mine, group=group)
+    sizes = [tuple(int(v) for v in t.tolist()) for t in allsz]
+    dims = {d for _, _, d in sizes}
+    if len(dims) != 1:
+        raise ValueError(f"feature dimension differs across ranks: (N, M, D) per rank = {sizes}")
+    return sizes
+
+
+class Ring:
+    """Point-to-point neighbours of this rank: blocks arrive from ``prev`` and leave to ``next``.
+
+    Ordering contract (needed for NCCL, which matches a pair's messages in posting order, and
+    harmless for gloo): every rank posts its sends to ``next`` in the same sequence as it posts
+    its receives from ``prev``, and each stream has its own tag."""
+
+    KEYS, STATS, ACC = 1, 2, 3
+
+    def __init__(self, group):
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        to_global = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
+        self.next = to_global((self.rank + 1) % self.world)
+        self.prev = to_global((self.rank - 1) % self.world)
+
+    def exchange(self, pairs: Sequence[tuple[Tensor, Tensor, int]]):
+        """For each (send, recv, tag): send ``send`` to ``next`` and receive ``recv`` from ``prev``,
+        all posted as one batch; returns the works (wait on all of them before touching either)."""
+        ops_ = []
+        for send, recv, tag in pairs:
+            ops_.append(dist.P2POp(dist.isend, send, self.next, self.group, tag))
+            ops_.append(dist.P2POp(dist.irecv, recv, self.prev, self.group, tag))
+        return dist.batch_isend_irecv(ops_) if ops_ else []
+
+
+def wait_all(works) -> None:
+    for w in works:
+        w.wait()
+
+
+def all_gather_varlen(t: Tensor, lengths: Sequence[int], group) -> Tensor:
+    """Concatenation over ranks (rank order) of 1-D tensors whose lengths differ per rank."""
+    dev = collective_device(t, group)
+    longest = max(lengths)
+    padded = t.new_zeros((longest,), device=dev)
+    padded[:t.shape[0]] = t.to(dev)
+    parts = [torch.empty_like(padded) for _ in lengths]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, lengths)]).to(t.device)

@@ -1,0 +1,258 @@
+"""Gather-free distributed CLIP loss: candidate blocks travel around the ring of ranks.
+
+Each rank merges per-block statistics in the log domain; the backward re-runs the ring, sending each
+block's key-gradient accumulator back to its owner. Per-rank memory O(N·D): the local features,
+their gradients, and at most two blocks (the one being computed and the one arriving) plus one
+traveling gradient accumulator. It matches open_clip's ``local_loss=True, gather_with_grad=True``
+setting (see :func:`ring_clip_loss` for the precise per-rank gradient semantics, including
+``logit_scale``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .. import _checks, backends, ops
+from .._types import stat_dtype
+from ._comm import Ring, exchange_sizes, require_initialized, wait_all
+
+
+def _block_labels(n: int, m: int, diagonal: bool, device) -> Optional[Tensor]:
+    # Positives live on the diagonal block only. Off the diagonal ``pos`` is unused (grad_pos is
+    # None there); a valid dummy label keeps the op's precondition when the block has M_b < N.
+    if diagonal:
+        return None
+    return None if m >= n else torch.zeros(n, dtype=torch.int64, device=device)
+
+
+class _RingLSE(torch.autograd.Function):
+    """Global ``(row_lse, col_lse, pos)`` of the local rows/columns of ``S = s·Q·Kᵀ``, where Q and K
+    are the row-concatenation over ranks of the local ``query`` and ``keys``.
+
+    Forward, step k = 0..W−1 on rank r: the key block of rank b = r − k is here; one fused
+    ``lse_fwd`` on (Q_r, K_b) gives the block's row LSE (merged into the running row LSE with
+    ``logaddexp``) and column LSE (merged into a column accumulator that travels with K_b and
+    reaches its owner after W hops). The next block is received while this one is computed.
+
+    Backward: the ring again, K_b traveling with its global column LSE and its owner's upstream
+    ``grad_col``; each rank runs ``lse_bwd`` on (Q_r, K_b) with the *global* row/col LSE, keeps the
+    query gradient and adds the key gradient to an accumulator that travels behind K_b and reaches
+    its owner after W hops. Each rank therefore computes every block of its own rows once in each
+    pass: the world does the dense work of ``S`` exactly once (8·N_tot²·D FLOPs for the symmetric
+    loss, split evenly), with O(N·D) memory per rank.
+    """
+
+    @staticmethod
+    def forward(ctx, query, keys, scale, compute_col, backend, group, sizes, exact_scale_grad):
+        ring = Ring(group)
+        w, r = ring.world, ring.rank
+        n, d = query.shape
+        st = stat_dtype(query.dtype)
+        row = pos = col_in = None
+        col_works: list = []
+        cur = keys
+        for k in range(w):
+            b = (r - k) % w                      # owner of the key block held at this step
+            key_works, nxt = [], None
+            if k < w - 1:                        # prefetch the next block while computing this one
+                nxt = query.new_empty((sizes[(b - 1) % w][1], d))
+                key_works = ring.exchange([(cur, nxt, ring.KEYS)])
+            rb, cb, pb = ops.lse_fwd(query, cur, scale,
+                                     _block_labels(n, cur.shape[0], b == r, query.device),
+                                     compute_col, backend)
+            row = rb if row is None else torch.logaddexp(row, rb)
+            if b == r:
+                pos = pb
+            if compute_col:
+                # Column accumulator of block b: LSE over the rows of ranks b..r once merged.
+                if k > 0:
+                    wait_all(col_works)
+                    cb = torch.logaddexp(col_in, cb)
+                # Pass it on; receive the accumulator of the block we hold next (after the last
+                # step, that is our own block's, complete: it has visited every rank).
+                col_in = row.new_empty((sizes[(b - 1) % w][1],))
+                col_works = ring.exchange([(cb, col_in, ring.STATS)])
+            wait_all(key_works)
+            if nxt is not None:
+                cur = nxt
+        if compute_col:
+            wait_all(col_works)
+            col = col_in
+        else:
+            col = query.new_empty((0,), dtype=st)
+        ctx.save_for_backward(query, keys, scale, row, col)
+        ctx.compute_col, ctx.backend, ctx.group, ctx.sizes = compute_col, backend, group, sizes
+        ctx.exact_scale_grad = exact_scale_grad
+        return row, col, pos
+
+    @staticmethod
+    def backward(ctx, grad_row, grad_col, grad_pos):
+        query, keys, scale, row_lse, col_lse = ctx.saved_tensors
+        ring = Ring(ctx.group)
+        w, r = ring.world, ring.rank
+        n, d = query.shape
+        st = row_lse.dtype
+        sizes, compute_col = ctx.sizes, ctx.compute_col
+        grad_row = grad_row.to(st).contiguous()
+        grad_pos = grad_pos.to(st).contiguous()
+        # The block packet: the keys plus, for the column terms, [global col LSE; owner's grad_col].
+        cur_k = keys
+        cur_stats = torch.stack([col_lse, grad_col.to(st)]) if compute_col else None
+        grad_q = torch.zeros(n, d, dtype=st, device=query.device)
+        # exact: split each block's Σ G·S into the part of this rank's loss (row and positive
+        # terms of our rows) and the part of the key owner's loss (column terms), which travels
+        # home as one extra element behind the key-gradient accumulator. It costs a second
+        # lse_bwd per block; without it each rank keeps the whole Σ G·S of the blocks it computed.
+        exact = ctx.exact_scale_grad and ctx.needs_input_grad[2] and compute_col
+        q_st = query.to(st)
+        own_share = row_lse.new_zeros(())
+        acc_in, acc_works = None, []
+        for k in range(w):
+            b = (r - k) % w
+            pkt_works, nxt_k, nxt_stats = [], None, None
+            if k < w - 1:
+                m_next = sizes[(b - 1) % w][1]
+                nxt_k = query.new_empty((m_next, d))
+                pairs = [(cur_k, nxt_k, ring.KEYS)]
+                if compute_col:
+                    nxt_stats = row_lse.new_empty((2, m_next))
+                    pairs.append((cur_stats, nxt_stats, ring.STATS))
+                pkt_works = ring.exchange(pairs)
+            labels = _block_labels(n, cur_k.shape[0], b == r, query.device)
+            col_lse_b = cur_stats[0] if compute_col else row_lse.new_empty(0)
+            grad_col_b = cur_stats[1] if compute_col else None
+            grad_pos_b = grad_pos if b == r else None
+            if exact:
+                gq, gk = ops.lse_bwd(query, cur_k, scale, labels, row_lse, col_lse_b,
+                                     grad_row, None, grad_pos_b, ctx.backend)
+                gq_col, gk_col = ops.lse_bwd(query, cur_k, scale, labels, row_lse, col_lse_b,
+                                             None, grad_col_b, None, ctx.backend)
+                own_share += (gq * q_st).sum()
+                owner_share = (gq_col * q_st).sum()
+                gq += gq_col
+                gk = torch.cat([gk.add_(gk_col).reshape(-1), owner_share.reshape(1)])
+            else:
+                gq, gk = ops.lse_bwd(query, cur_k, scale, labels, row_lse, col_lse_b,
+                                     grad_row, grad_col_b, grad_pos_b, ctx.backend)
+            grad_q += gq
+            if k > 0:
+                # Key-gradient accumulator of block b, holding the terms of ranks b..r−1.
+                wait_all(acc_works)
+                gk = acc_in.add_(gk)
+            m_next_acc = sizes[(b - 1) % w][1]
+            acc_in = row_lse.new_empty((m_next_acc * d + 1,) if exact else (m_next_acc, d))
+            acc_works = ring.exchange([(gk, acc_in, ring.ACC)])
+            wait_all(pkt_works)
+            if nxt_k is not None:
+                cur_k, cur_stats = nxt_k, nxt_stats
+        wait_all(acc_works)
+        # Our own keys' gradient, home after W hops (in exact mode followed by the column share
+        # of our loss that the other ranks computed).
+        grad_k = acc_in[:-1].view(keys.shape[0], d) if exact else acc_in
+        grad_scale = None
+        if ctx.needs_input_grad[2]:
+            if exact:
+                # ∂loss_r/∂s: row + positive terms of our rows, column terms of our keys.
+                total = own_share + acc_in[-1]
+            else:
+                # Σ over the blocks this rank computed of Σ_ij G_ij·S_ij (see ring_clip_loss).
+                total = (grad_q * q_st).sum()
+            grad_scale = (total / scale.to(st)).to(scale.dtype).reshape(scale.shape)
+        return (grad_q.to(query.dtype), grad_k.to(keys.dtype), grad_scale,
+                None, None, None, None, None)
+
+
+def ring_lse_stats(query: Tensor, keys: Tensor, logit_scale, *, compute_col: bool = True,
+                   group=None, backend: str = "auto",
+                   exact_scale_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Distributed :func:`contrastive_kernels.lse_stats` over the rows/columns of all ranks.
+
+    The global matrix is ``S = s·Q·Kᵀ`` with ``Q = cat_r query_r`` and ``K = cat_r keys_r`` (in rank
+    order); pair ``(query_r[i], keys_r[i])`` is positive. Ranks may hold different batch sizes
+    (``N_r`` queries, ``M_r ≥ N_r`` keys); D must agree. Nothing global is ever materialised.
+
+    Args:
+        query: (N_r, D) local anchors. keys: (M_r, D) local candidates. logit_scale: float or 0-d
+            tensor (gets a gradient). compute_col: also return the column LSE of the local keys.
+    Returns:
+        ``row_lse (N_r,)``: log Σ_j exp(S_ij) over **all** global columns, for the local rows;
+        ``col_lse (M_r,)`` or ``(0,)``: log Σ_i exp(S_ij) over **all** global rows, local columns;
+        ``pos (N_r,)``: S_ii of the local pairs.
+    Gradients: differentiable; the backward is a second ring pass and computes, for every rank's
+    inputs, the gradient of ``Σ_r' loss_r'`` — the sum of the losses all ranks built from their
+    statistics — w.r.t. that rank's rows (features). ``logit_scale`` gets this rank's share of
+    ``∂(Σ_r' loss_r')/∂s``, namely ``Σ_ij G_ij·S_ij / s`` over the blocks ``(Q_r, K_b)`` this rank
+    computed; the shares sum over ranks to the full derivative. With ``exact_scale_grad=True`` it
+    gets instead exactly ``∂loss_r/∂s`` of this rank's own loss (row and positive terms of its
+    rows, column terms of its keys, the latter computed on the other ranks and sent home), at the
+    cost of a second ``lse_bwd`` per block in the backward.
+    """
+    require_initialized("ring_lse_stats")
+    _checks.check_features("query", query, "keys", keys)
+    sc = _checks.scale_tensor(logit_scale, query)
+    name = backends.resolve(backend, query.device, query.dtype)
+    sizes = exchange_sizes(query, keys, group)
+    if any(m < n for n, m, _ in sizes):
+        raise ValueError(f"each rank's positive of query i is its key i, which needs M_r >= N_r; "
+                         f"(N, M, D) per rank = {sizes}")
+    if dist.get_world_size(group) == 1:
+        return ops.lse_fwd(query.contiguous(), keys.contiguous(), sc, None, compute_col, name)
+    return _RingLSE.apply(query.contiguous(), keys.contiguous(), sc, compute_col, name, group,
+                          sizes, exact_scale_grad)
+
+
+def ring_clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
+                   *, group=None, backend: str = "auto", exact_scale_grad: bool = False) -> Tensor:
+    """Gather-free distributed CLIP loss: open_clip's ``local_loss=True, gather_with_grad=True``.
+
+    Per rank r (N_r local pairs, ``N_tot`` pairs in the world):
+
+    - **value**: ``L_r = (1/2N_r)·Σ_{i∈r} [(r_i − S_ii) + (c_i − S_ii)]`` — the local pairs' image→
+      all-texts and text→all-images InfoNCE, exactly open_clip's (local_loss=True,
+      gather_with_grad=True) value on that rank.
+    - **feature gradients**: ``Σ_r' ∂L_r'/∂(I_r, T_r)`` — the derivative of the sum of every rank's
+      loss w.r.t. this rank's rows, identical per rank to open_clip's (True, True) setting, where
+      the all_gather backward reduce-scatters (sums) the slot gradients. With equal N_r this is
+      ``W·∂L/∂(I_r, T_r)`` for the global mean loss L, so DDP's gradient *average* over ranks
+      yields exactly ``∂L/∂θ``.
+    - **logit_scale gradient**: this rank's share ``Σ_{blocks (r,b)} Σ_ij G_ij S_ij / s`` of
+      ``∂(Σ_r' L_r')/∂s`` (G = ∂(Σ_r' L_r')/∂S on the blocks rank r computed). It differs per rank
+      from open_clip's ``∂L_r/∂s`` (that split would cost a second backward pass per block), but
+      the **sum over ranks is identical**, ``Σ_r ∂L_r/∂s = W·∂L/∂s``, so after DDP's all-reduce
+      average every rank holds the same ``∂L/∂s`` as with open_clip's (True, True) setting.
+      ``exact_scale_grad=True`` gives open_clip's per-rank ``∂L_r/∂s`` exactly, for a second
+      ``lse_bwd`` per block (the backward's work doubles).
+
+    ``logit_bias`` cancels in the softmax: the value is unchanged and its gradient is exactly 0.
+    """
+    _checks.check_pairs("ring_clip_loss", "image_features", image_features, "text_features",
+                        text_features)
+    row, col, pos = ring_lse_stats(image_features, text_features, logit_scale, compute_col=True,
+                                   group=group, backend=backend, exact_scale_grad=exact_scale_grad)
+    loss = 0.5 * ((row - pos).mean() + (col - pos).mean())
+    return _checks.zero_gradient_term(loss, logit_bias)
+
+
+class RingClipLoss(nn.Module):
+    """Module form of :func:`ring_clip_loss` (same call as ``ClipLoss``).
+
+    ``forward(image_features (N, D), text_features (N, D), logit_scale, logit_bias=None,
+    output_dict=False)``. Equivalent to ``ClipLoss(local_loss=True, gather_with_grad=True,
+    rank=r, world_size=W, ring=True)``.
+    """
+
+    def __init__(self, *, group=None, backend: str = "auto", exact_scale_grad: bool = False):
+        super().__init__()
+        self.group = group
+        self.backend = backend
+        self.exact_scale_grad = exact_scale_grad
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
+                logit_bias=None, output_dict: bool = False):
+        loss = ring_clip_loss(image_features, text_features, logit_scale, logit_bias,
+                              group=self.group, backend=self.backend,
+                              exact_scale_grad=self.exact_scale_grad)
+        return {"contrastive_loss": loss} if output_dict else loss
