@@ -155,7 +155,7 @@ def test_forward_matches_float64(cuda_kernels, case, dtype, kind, scale_value, c
     q, k = _features(n, m, d, dtype, kind=kind, seed=n * 31 + m + d)
     labels = _labels(lab_kind, n, m)
     scale = _scale(scale_value)
-    out = _ops().lse_fwd(q, k, scale, labels, compute_col)
+    out = _ops().lse_fwd(q, k, scale, labels, None, None, False, compute_col)
     gt = dense_fwd(q.double(), k.double(), float(scale), labels, compute_col)
     ref = dense_fwd(q, k, scale.to(dtype), labels, compute_col)
     for name, o, r, g in zip(("row_lse", "col_lse", "pos"), out, ref, gt):
@@ -188,7 +188,7 @@ def _check_backward(q, k, scale, labels, grads, tol_dtype=None, tag=""):
     r32, c32 = r64.float(), c64.float()
     gr, gc, gp = grads
     col_arg = c32 if gc is not None else c32.new_empty(0)
-    out = _ops().lse_bwd(q, k, scale, labels, r32, col_arg, gr, gc, gp)
+    out = _ops().lse_bwd(q, k, scale, labels, None, None, False, r32, col_arg, gr, gc, gp)
     gt = dense_bwd(q.double(), k.double(), s64, labels, *_cast((r32, c32, gr, gc, gp), torch.float64))
     ref = dense_bwd(q, k, scale.to(dtype), labels, *_cast((r32, c32, gr, gc, gp), dtype))
     for name, o, r, g, shape in zip(("grad_query", "grad_keys"), out, ref, gt, (q.shape, k.shape)):
@@ -238,7 +238,7 @@ def test_tf32_path(cuda_kernels):
         torch.backends.cuda.matmul.allow_tf32 = True
         q, k = _features(257, 130, 136, torch.float32, seed=4)
         labels, scale = _labels("labels", 257, 130), _scale(30.0)
-        out = _ops().lse_fwd(q, k, scale, labels, True)
+        out = _ops().lse_fwd(q, k, scale, labels, None, None, False, True)
         gt = dense_fwd(q.double(), k.double(), float(scale), labels, True)
         ref = dense_fwd(q, k, scale, labels, True)  # torch's own matmul, in TF32 too
         # TF32 keeps 10 mantissa bits, as float16 does: float16's slack applies
@@ -261,11 +261,11 @@ def test_tf32_decision_under_the_new_precision_api(cuda_kernels):
     def run(precision):
         torch.backends.cuda.matmul.fp32_precision = precision
         try:
-            return _ops().lse_fwd(q, k, scale, labels, True)
+            return _ops().lse_fwd(q, k, scale, labels, None, None, False, True)
         finally:
             torch.backends.cuda.matmul.fp32_precision = "none"
     exact, tf32 = run("ieee"), run("tf32")
-    default = _ops().lse_fwd(q, k, scale, labels, True)  # torch's default: exact fp32
+    default = _ops().lse_fwd(q, k, scale, labels, None, None, False, True)  # torch's default: exact fp32
     assert all(torch.equal(a, b) for a, b in zip(exact, default))
     assert not all(torch.equal(a, b) for a, b in zip(exact, tf32)), "fp32_precision='tf32' did not select tf32"
 
@@ -283,16 +283,16 @@ def test_bitwise_reproducible(cuda_kernels, dtype):
     gr, gc, gp = _upstream("all", 300, 520)
     try:
         torch.use_deterministic_algorithms(True, warn_only=True)
-        f1 = _ops().lse_fwd(q, k, scale, labels, True)
-        f2 = _ops().lse_fwd(q, k, scale, labels, True)
-        b1 = _ops().lse_bwd(q, k, scale, labels, f1[0], f1[1], gr, gc, gp)
-        b2 = _ops().lse_bwd(q, k, scale, labels, f1[0], f1[1], gr, gc, gp)
+        f1 = _ops().lse_fwd(q, k, scale, labels, None, None, False, True)
+        f2 = _ops().lse_fwd(q, k, scale, labels, None, None, False, True)
+        b1 = _ops().lse_bwd(q, k, scale, labels, None, None, False, f1[0], f1[1], gr, gc, gp)
+        b2 = _ops().lse_bwd(q, k, scale, labels, None, None, False, f1[0], f1[1], gr, gc, gp)
     finally:
         torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
     for a, b in zip(f1 + b1, f2 + b2):
         assert torch.equal(a, b)
     # the atomic (default) path agrees with the two-pass one up to summation order
-    b3 = _ops().lse_bwd(q, k, scale, labels, f1[0], f1[1], gr, gc, gp)
+    b3 = _ops().lse_bwd(q, k, scale, labels, None, None, False, f1[0], f1[1], gr, gc, gp)
     for a, b in zip(b1, b3):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
 
@@ -313,10 +313,10 @@ def test_unaligned_storage_matches_aligned(cuda_kernels, dtype):
     prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         torch.use_deterministic_algorithms(True, warn_only=True)
-        fa = _ops().lse_fwd(q, k, scale, labels, True)
-        fu = _ops().lse_fwd(qs, ks, scale, labels, True)
-        ba = _ops().lse_bwd(q, k, scale, labels, fa[0], fa[1], gr, gc, gp)
-        bu = _ops().lse_bwd(qs, ks, scale, labels, fa[0], fa[1], gr, gc, gp)
+        fa = _ops().lse_fwd(q, k, scale, labels, None, None, False, True)
+        fu = _ops().lse_fwd(qs, ks, scale, labels, None, None, False, True)
+        ba = _ops().lse_bwd(q, k, scale, labels, None, None, False, fa[0], fa[1], gr, gc, gp)
+        bu = _ops().lse_bwd(qs, ks, scale, labels, None, None, False, fa[0], fa[1], gr, gc, gp)
     finally:
         torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
     for a, b in zip(fa + ba, fu + bu):
@@ -326,8 +326,8 @@ def test_unaligned_storage_matches_aligned(cuda_kernels, dtype):
 @gpu
 def test_no_upstream_gradient_gives_zeros(cuda_kernels):
     q, k = _features(37, 130, 40, torch.bfloat16)
-    f = _ops().lse_fwd(q, k, _scale(10.0), None, False)
-    gq, gk = _ops().lse_bwd(q, k, _scale(10.0), None, f[0], f[1], None, None, None)
+    f = _ops().lse_fwd(q, k, _scale(10.0), None, None, None, False, False)
+    gq, gk = _ops().lse_bwd(q, k, _scale(10.0), None, None, None, False, f[0], f[1], None, None, None)
     assert gq.shape == (37, 40) and gk.shape == (130, 40)
     assert not gq.any() and not gk.any()
 
@@ -343,8 +343,8 @@ def test_no_n_by_m_allocation(cuda_kernels, compute_col):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    f = _ops().lse_fwd(q, k, scale, None, compute_col)
-    _ops().lse_bwd(q, k, scale, None, f[0], f[1], gr, gc if compute_col else None, gp)
+    f = _ops().lse_fwd(q, k, scale, None, None, None, False, compute_col)
+    _ops().lse_bwd(q, k, scale, None, None, None, False, f[0], f[1], gr, gc if compute_col else None, gp)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     # the column partials are N/64·M·8 bytes (8 MiB here); one float32 N×M matrix would be 256 MiB
@@ -362,9 +362,9 @@ def test_forward_in_row_groups_is_bitwise_the_single_pass(cuda_kernels, monkeypa
     labels = _labels(labels_kind, n, m)
     s = _scale(30.0)
     monkeypatch.delenv("CK_CUDA_PARTIAL_MB", raising=False)
-    single = _ops().lse_fwd(q, k, s, labels, True)
+    single = _ops().lse_fwd(q, k, s, labels, None, None, False, True)
     monkeypatch.setenv("CK_CUDA_PARTIAL_MB", "0.001")  # 1048 bytes < one row block's 257·8
-    grouped = _ops().lse_fwd(q, k, s, labels, True)
+    grouped = _ops().lse_fwd(q, k, s, labels, None, None, False, True)
     for a, b in zip(single, grouped):
         assert torch.equal(a, b)
     gt = dense_fwd(q.double(), k.double(), 30.0, labels, True)
@@ -379,7 +379,7 @@ def test_partial_budget_env_rejects_nonsense(cuda_kernels, monkeypatch, value):
     q, k = _features(7, 9, 5, torch.float32)
     monkeypatch.setenv("CK_CUDA_PARTIAL_MB", value)
     with pytest.raises(RuntimeError, match="CK_CUDA_PARTIAL_MB"):
-        _ops().lse_fwd(q, k, _scale(1.0), None, True)
+        _ops().lse_fwd(q, k, _scale(1.0), None, None, None, False, True)
 
 
 @gpu
@@ -393,13 +393,13 @@ def test_one_row_with_ignored_stride(cuda_kernels):
     s = _scale(2.0)
     plain = torch.empty(1, d, device=DEVICE).copy_(q)  # the same values with the usual strides
     assert plain.stride() == (d, 1)
-    out = _ops().lse_fwd(q, k, s, None, True)
-    want = _ops().lse_fwd(plain, k, s, None, True)
+    out = _ops().lse_fwd(q, k, s, None, None, None, False, True)
+    want = _ops().lse_fwd(plain, k, s, None, None, None, False, True)
     for a, b in zip(out, want):
         assert torch.equal(a, b)
     one = torch.ones(1, device=DEVICE)
-    got_grads = _ops().lse_bwd(q, k, s, None, out[0], out[1], one, None, None)
-    want_grads = _ops().lse_bwd(plain, k, s, None, out[0], out[1], one, None, None)
+    got_grads = _ops().lse_bwd(q, k, s, None, None, None, False, out[0], out[1], one, None, None)
+    want_grads = _ops().lse_bwd(plain, k, s, None, None, None, False, out[0], out[1], one, None, None)
     for a, b in zip(got_grads, want_grads):
         assert torch.equal(a, b)
 
@@ -408,7 +408,7 @@ def test_one_row_with_ignored_stride(cuda_kernels):
 def test_large_logits_finite(cuda_kernels):
     q, k = _features(130, 257, 64, torch.float16, kind="raw", seed=2)
     q, k = q * 8, k * 8  # |S| ~ 100·64·sqrt(64)
-    out = _ops().lse_fwd(q, k, _scale(100.0), _labels("labels", 130, 257), True)
+    out = _ops().lse_fwd(q, k, _scale(100.0), _labels("labels", 130, 257), None, None, False, True)
     assert all(bool(torch.isfinite(o).all()) for o in out)
 
 
@@ -417,18 +417,35 @@ def test_errors_name_the_problem(cuda_kernels):
     q, k = _features(7, 9, 5, torch.float32)
     s = _scale(1.0)
     with pytest.raises(RuntimeError, match="float64"):
-        _ops().lse_fwd(q.double(), k.double(), s, None, True)
+        _ops().lse_fwd(q.double(), k.double(), s, None, None, None, False, True)
     with pytest.raises(RuntimeError, match="M >= N"):
-        _ops().lse_fwd(k, q, s, None, True)
+        _ops().lse_fwd(k, q, s, None, None, None, False, True)
     with pytest.raises(RuntimeError, match="feature dims"):
-        _ops().lse_fwd(q, k[:, :4].contiguous(), s, None, True)
+        _ops().lse_fwd(q, k[:, :4].contiguous(), s, None, None, None, False, True)
     with pytest.raises(RuntimeError, match="scale"):
-        _ops().lse_fwd(q, k, s.double(), None, True)
+        _ops().lse_fwd(q, k, s.double(), None, None, None, False, True)
     with pytest.raises(RuntimeError, match="int64"):
-        _ops().lse_fwd(q, k, s, torch.zeros(7, dtype=torch.int32, device=DEVICE), True)
-    f = _ops().lse_fwd(q, k, s, None, False)
+        _ops().lse_fwd(q, k, s, torch.zeros(7, dtype=torch.int32, device=DEVICE), None, None, False, True)
+    f = _ops().lse_fwd(q, k, s, None, None, None, False, False)
     with pytest.raises(RuntimeError, match="col_lse"):  # grad_col without a column LSE
-        _ops().lse_bwd(q, k, s, None, f[0], f[1], None, torch.ones(9, device=DEVICE), None)
+        _ops().lse_bwd(q, k, s, None, None, None, False, f[0], f[1], None, torch.ones(9, device=DEVICE), None)
+
+
+@gpu
+def test_exclude_self_and_class_positives_not_implemented(cuda_kernels):
+    q, k = _features(7, 9, 5, torch.float32)
+    s = _scale(1.0)
+    row_classes = torch.zeros(7, dtype=torch.long, device=DEVICE)
+    col_classes = torch.zeros(9, dtype=torch.long, device=DEVICE)
+    row_lse, col_lse, pos, pos_count = _ops().lse_fwd(q, k, s, None, None, None, False, True)
+    assert pos_count.shape == (0,) and pos_count.dtype == torch.float32 and pos_count.device == q.device
+    one = torch.ones(7, device=DEVICE)
+    for rc, cc, excl in [(None, None, True), (row_classes, col_classes, False), (row_classes, None, False),
+                         (None, col_classes, False), (row_classes, col_classes, True)]:
+        with pytest.raises(RuntimeError, match="not implemented"):
+            _ops().lse_fwd(q, k, s, None, rc, cc, excl, True)
+        with pytest.raises(RuntimeError, match="not implemented"):
+            _ops().lse_bwd(q, k, s, None, rc, cc, excl, row_lse, col_lse, one, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,7 +530,7 @@ def test_large_32768(cuda_kernels, dtype):
     d = 512
     q, k = _features(n, m, d, dtype, seed=123)
     scale = _scale(100.0)
-    out = _ops().lse_fwd(q, k, scale, None, True)
+    out = _ops().lse_fwd(q, k, scale, None, None, None, False, True)
     gt = _blocked_fwd(q, k, scale.double(), torch.float64)
     ref = _blocked_fwd(q, k, scale, dtype)
     for name, o, r, g in zip(("row_lse", "col_lse", "pos"), out, ref, gt):
@@ -521,7 +538,7 @@ def test_large_32768(cuda_kernels, dtype):
     del ref
     gr, gc, gp = _upstream("all", n, m)
     r32, c32 = gt[0].float(), gt[1].float()
-    bq, bk = _ops().lse_bwd(q, k, scale, None, r32, c32, gr, gc, gp)
+    bq, bk = _ops().lse_bwd(q, k, scale, None, None, None, False, r32, c32, gr, gc, gp)
     gtq, gtk = _blocked_bwd(q, k, scale.double(), r32, c32, gr, gc, gp, torch.float64)
     refq, refk = _blocked_bwd(q, k, scale, r32, c32, gr, gc, gp, dtype)
     assert_relative_rule(bq, refq, gtq, dtype, f"N={n} grad_query")

@@ -1,7 +1,12 @@
 // CUDA implementations of the private native ops ck_native::lse_fwd / ck_native::lse_bwd
 // (schemas in csrc/ops.cpp and docs/internals.md). This file only validates, allocates and calls
-// the raw-pointer launchers of lse_kernels.cu on the current stream; it is compiled only when
-// setup.py builds the CUDA extension (CK_WITH_CUDA).
+// the raw-pointer launchers of lse_fwd.cu / lse_bwd.cu on the current stream; it is compiled only
+// when setup.py builds the CUDA extension (CK_WITH_CUDA).
+//
+// The schema's self-pair exclusion (exclude_self) and class positives (row_classes / col_classes)
+// are not implemented by these kernels yet: both ops refuse them up front, before any check or
+// allocation, so a caller learns which backend to use instead of getting a wrong statistic. Without
+// classes pos_count is the schema's empty (0,) float32 tensor.
 //
 // Precondition checks are repeated here with values even though functional.py validates first: the
 // native op is reachable directly through torch.ops.ck_native, and a bad pointer on a GPU is an
@@ -145,8 +150,23 @@ const float* check_stat(const std::optional<Tensor>& t, const char* name, int64_
   return v.data_ptr<float>();
 }
 
-std::tuple<Tensor, Tensor, Tensor> lse_fwd_cuda(const Tensor& query, const Tensor& keys, const Tensor& scale,
-                                                const std::optional<Tensor>& labels, bool compute_col) {
+// exclude_self and class positives: refused until the kernels implement them (see the file comment).
+void check_no_unimplemented_options(const char* op, const std::optional<Tensor>& row_classes,
+                                    const std::optional<Tensor>& col_classes, bool exclude_self) {
+  if (exclude_self || row_classes.has_value() || col_classes.has_value()) {
+    TORCH_CHECK(false, op, " on CUDA: exclude_self / class positives are not implemented in the cuda backend yet; "
+                "use backend='triton' or 'chunked' (got exclude_self=", exclude_self ? "True" : "False",
+                ", row_classes=", row_classes.has_value() ? "given" : "None", ", col_classes=",
+                col_classes.has_value() ? "given" : "None", ")");
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> lse_fwd_cuda(const Tensor& query, const Tensor& keys, const Tensor& scale,
+                                                        const std::optional<Tensor>& labels,
+                                                        const std::optional<Tensor>& row_classes,
+                                                        const std::optional<Tensor>& col_classes, bool exclude_self,
+                                                        bool compute_col) {
+  check_no_unimplemented_options("ck_native::lse_fwd", row_classes, col_classes, exclude_self);
   check_features(query, keys);
   check_scale(scale, query);
   const int64_t N = query.size(0), M = keys.size(0), D = query.size(1);
@@ -158,6 +178,7 @@ std::tuple<Tensor, Tensor, Tensor> lse_fwd_cuda(const Tensor& query, const Tenso
   Tensor row_lse = at::empty({N}, f32);
   Tensor col_lse = at::empty({compute_col ? M : 0}, f32);
   Tensor pos = at::empty({N}, f32);
+  Tensor pos_count = at::empty({0}, f32);  // (0,): counts exist only with class positives
   const size_t budget = partial_budget_from_env();
   const size_t ws_bytes = ck_cuda::lse_fwd_workspace_bytes(N, M, compute_col, budget);
   // caching allocator, stream-ordered: freed when this function returns, reused safely after the kernels
@@ -181,13 +202,16 @@ std::tuple<Tensor, Tensor, Tensor> lse_fwd_cuda(const Tensor& query, const Tenso
   a.dtype = kernel_dtype(query);
   a.allow_tf32 = tf32_allowed();
   C10_CUDA_CHECK(ck_cuda::lse_fwd(a, at::cuda::getCurrentCUDAStream()));
-  return {row_lse, col_lse, pos};
+  return {row_lse, col_lse, pos, pos_count};
 }
 
 std::tuple<Tensor, Tensor> lse_bwd_cuda(const Tensor& query, const Tensor& keys, const Tensor& scale,
-                                        const std::optional<Tensor>& labels, const Tensor& row_lse,
-                                        const Tensor& col_lse, const std::optional<Tensor>& grad_row,
-                                        const std::optional<Tensor>& grad_col, const std::optional<Tensor>& grad_pos) {
+                                        const std::optional<Tensor>& labels, const std::optional<Tensor>& row_classes,
+                                        const std::optional<Tensor>& col_classes, bool exclude_self,
+                                        const Tensor& row_lse, const Tensor& col_lse,
+                                        const std::optional<Tensor>& grad_row, const std::optional<Tensor>& grad_col,
+                                        const std::optional<Tensor>& grad_pos) {
+  check_no_unimplemented_options("ck_native::lse_bwd", row_classes, col_classes, exclude_self);
   check_features(query, keys);
   check_scale(scale, query);
   const int64_t N = query.size(0), M = keys.size(0), D = query.size(1);

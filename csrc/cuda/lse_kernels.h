@@ -1,8 +1,8 @@
 // Raw-pointer launchers of the fused log-sum-exp kernels (docs/internals.md).
 //
-// This header is deliberately free of torch/ATen: lse_kernels.cu includes it and compiles with plain
-// nvcc (tools/compile_cuda.sh), and lse_cuda.cpp (the torch binding) includes it to call the
-// launchers. Everything is expressed as raw device pointers, element strides and a stream.
+// This header is deliberately free of torch/ATen: lse_fwd.cu and lse_bwd.cu implement it and compile
+// with plain nvcc (tools/compile_cuda.sh), and lse_cuda.cpp (the torch binding) includes it to call
+// the launchers. Everything is expressed as raw device pointers, element strides and a stream.
 //
 // Conventions shared by both launchers
 //   S = s·Q·Kᵀ (N×M), s read from `scale` (a device pointer: no host sync).
