@@ -1,14 +1,40 @@
 // Schema of the private native ops behind the `cpu` and `cuda` backends (docs/internals.md).
 //
 // The schema is defined exactly once, here; each device registers its kernels separately with
-// TORCH_LIBRARY_IMPL(ck_native, CPU|CUDA, m) (csrc/cpu/lse_cpu.cpp, csrc/cuda/). Loading the shared
-// object `contrastive_kernels._C` is what runs these static registrations; the Python module it
-// defines is an empty stub (as in pytorch/extension-cpp), so no pybind11 is needed and the
-// extension can be built against the stable Python ABI.
+// TORCH_LIBRARY_IMPL(ck_native, CPU|CUDA, m) (csrc/cpu/lse_cpu.cpp, csrc/cpu/sigmoid_cpu.cpp,
+// csrc/cuda/). Loading the shared object `contrastive_kernels._C` is what runs these static
+// registrations; the Python module it defines is an empty stub (as in pytorch/extension-cpp), so
+// no pybind11 is needed and the extension can be built against the stable Python ABI.
+//
+// Common to all ops: query (N, D) and keys (M, D) contiguous, same dtype ∈ {float64, float32,
+// bfloat16, float16}; every output is in the statistic dtype st (float64 for float64 inputs, else
+// float32), and so are scale and bias (one element, scale finite > 0, bias finite). The logit is
+// S_ij = fl(s·⟨q_i, k_j⟩), rounded once, and every statistic is computed from that element.
+// row_classes (N,) / col_classes (M,): int64, both or neither.
+//
+// LSE family. E = {(i, i) : i < min(N, M)} when exclude_self, else ∅; an excluded pair enters no
+// statistic and no positive, and its logit gradient is exactly 0.
+//   row_lse_i = log Σ_{j:(i,j)∉E} exp(S_ij)   (−inf when nothing is left); col_lse likewise, (0,)
+//               when compute_col is false.
+//   pos_i     = with classes: Σ_{j∈P(i)} S_ij, P(i) = {j : (i,j)∉E, col_classes_j = row_classes_i},
+//               and pos_count_i = |P(i)|; without: S_{i,l_i} (l_i = labels_i, or i when labels is
+//               None, which needs M ≥ N), 0 if (i, l_i) ∈ E, and pos_count has shape (0,).
+//   lse_bwd: G_ij = grad_row_i·exp(S_ij − row_lse_i) + grad_col_j·exp(S_ij − col_lse_j)
+//            + grad_pos_i·[j is a positive of i], 0 on E; grad_query = s·G·K, grad_keys = s·Gᵀ·Q.
+//            A None gradient is zero and its statistic is not read.
+// Sigmoid family (SigLIP). z_ij = +1 if the classes are given and equal, or if they are None,
+// diagonal is true and i = j; else −1. L_ij = S_ij + bias.
+//   row_loss_i = Σ_j softplus(−z_ij·L_ij)
+//   sigmoid_bwd: G_ij = grad_row_i·(−z_ij)·σ(−z_ij·L_ij); grad_query = s·G·K, grad_keys = s·Gᵀ·Q,
+//            grad_bias_row_i = Σ_j G_ij.
+// cpu_isa(): the SIMD path the CPU float32 kernels take now ("avx512", "avx2" or "scalar"),
+// honouring CK_CPU_ISA as they do.
 
 #include <Python.h>
 
 #include <torch/library.h>
+
+#include "cpu/isa.h"
 
 extern "C" {
 // `import contrastive_kernels._C` only needs a module object; the ops live in torch.ops.ck_native.
@@ -26,10 +52,21 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(ck_native, m) {
   m.def(
-      "lse_fwd(Tensor query, Tensor keys, Tensor scale, Tensor? labels, bool compute_col)"
-      " -> (Tensor row_lse, Tensor col_lse, Tensor pos)");
+      "lse_fwd(Tensor query, Tensor keys, Tensor scale, Tensor? labels, Tensor? row_classes,"
+      " Tensor? col_classes, bool exclude_self, bool compute_col)"
+      " -> (Tensor row_lse, Tensor col_lse, Tensor pos, Tensor pos_count)");
   m.def(
-      "lse_bwd(Tensor query, Tensor keys, Tensor scale, Tensor? labels, Tensor row_lse,"
-      " Tensor col_lse, Tensor? grad_row, Tensor? grad_col, Tensor? grad_pos)"
+      "lse_bwd(Tensor query, Tensor keys, Tensor scale, Tensor? labels, Tensor? row_classes,"
+      " Tensor? col_classes, bool exclude_self, Tensor row_lse, Tensor col_lse,"
+      " Tensor? grad_row, Tensor? grad_col, Tensor? grad_pos)"
       " -> (Tensor grad_query, Tensor grad_keys)");
+  m.def(
+      "sigmoid_fwd(Tensor query, Tensor keys, Tensor scale, Tensor bias, Tensor? row_classes,"
+      " Tensor? col_classes, bool diagonal) -> Tensor row_loss");
+  m.def(
+      "sigmoid_bwd(Tensor query, Tensor keys, Tensor scale, Tensor bias, Tensor? row_classes,"
+      " Tensor? col_classes, bool diagonal, Tensor grad_row)"
+      " -> (Tensor grad_query, Tensor grad_keys, Tensor grad_bias_row)");
+  // No tensor argument to dispatch on: a catch-all kernel (the CPU kernels are always built).
+  m.def("cpu_isa() -> str", &ck::cpu::cpu_isa);
 }

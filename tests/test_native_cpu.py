@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -63,9 +64,9 @@ def make(n, m, d, dtype, *, labels=False, seed=0, norm=True, scale=10.0):
 
 
 def run(q, k, scale, labels, grads, compute_col=True):
-    r, c, p = torch.ops.ck_native.lse_fwd(q, k, scale, labels, compute_col)
+    r, c, p, _ = torch.ops.ck_native.lse_fwd(q, k, scale, labels, None, None, False, compute_col)
     gr, gc, gp = grads
-    dq, dk = torch.ops.ck_native.lse_bwd(q, k, scale, labels, r, c, gr, gc, gp)
+    dq, dk = torch.ops.ck_native.lse_bwd(q, k, scale, labels, None, None, False, r, c, gr, gc, gp)
     return r, c, p, dq, dk
 
 
@@ -105,7 +106,7 @@ def test_fwd_bwd_matches_exact(n, m, d, dtype, labels):
 @pytest.mark.parametrize("n,m,d", list(itertools.product(SIZES, SIZES, SIZES)), ids=str)
 def test_forward_grid_float32(n, m, d):
     q, k, scale, lab, _ = make(n, m, d, torch.float32, labels=True, seed=n * 1000 + m * 10 + d)
-    r, c, p = torch.ops.ck_native.lse_fwd(q, k, scale, lab, True)
+    r, c, p, _ = torch.ops.ck_native.lse_fwd(q, k, scale, lab, None, None, False, True)
     check((r, c, p), exact(q, k, scale, lab, None, None, None)[:3], TOL[torch.float32])
 
 
@@ -117,10 +118,10 @@ def test_optional_grads(dtype, which):
     q, k, scale, lab, grads = make(n, m, d, dtype, labels=True, seed=3)
     grads = tuple(g if on else None for g, on in zip(grads, which))
     compute_col = which[1]
-    r, c, p = torch.ops.ck_native.lse_fwd(q, k, scale, lab, compute_col)
+    r, c, p, _ = torch.ops.ck_native.lse_fwd(q, k, scale, lab, None, None, False, compute_col)
     if not compute_col:
         assert c.shape == (0,) and c.dtype == STAT[dtype]
-    dq, dk = torch.ops.ck_native.lse_bwd(q, k, scale, lab, r, c, *grads)
+    dq, dk = torch.ops.ck_native.lse_bwd(q, k, scale, lab, None, None, False, r, c, *grads)
     ref = exact(q, k, scale, lab, *grads)
     if not any(which):
         assert (dq == 0).all() and (dk == 0).all()
@@ -132,9 +133,9 @@ def test_optional_grads(dtype, which):
 def test_expanded_grads_are_accepted():
     """Autograd hands over stride-0 gradients (e.g. from .mean()): they must read correctly."""
     q, k, scale, _, _ = make(37, 37, 16, torch.float32)
-    r, c, p = torch.ops.ck_native.lse_fwd(q, k, scale, None, True)
+    r, c, p, _ = torch.ops.ck_native.lse_fwd(q, k, scale, None, None, None, False, True)
     g = torch.tensor(0.5).expand(37)
-    dq, dk = torch.ops.ck_native.lse_bwd(q, k, scale, None, r, c, g, g, -2 * g)
+    dq, dk = torch.ops.ck_native.lse_bwd(q, k, scale, None, None, None, False, r, c, g, g, -2 * g)
     ref = exact(q, k, scale, None, g, g, -2 * g)
     check((dq, dk), ref[3:], TOL[torch.float32], names=("grad_query", "grad_keys"))
 
@@ -163,7 +164,7 @@ def test_large_scale_unnormalised(dtype, scale):
 def test_losses_are_nonnegative_in_floating_point():
     """pos is read from the tile the log-sum-exps saw, so −pos + lse ≥ 0 holds exactly."""
     q, k, scale, _, _ = make(257, 257, 37, torch.float32, norm=False, scale=100.0, seed=9)
-    r, c, p = torch.ops.ck_native.lse_fwd(q, k, scale, None, True)
+    r, c, p, _ = torch.ops.ck_native.lse_fwd(q, k, scale, None, None, None, False, True)
     assert (r - p >= 0).all() and (c - p >= 0).all()
 
 
@@ -182,6 +183,7 @@ def test_thread_count_independence():
 
 
 @pytest.mark.parametrize("env", [
+    {"CK_CPU_ISA": "avx512"},
     {"CK_CPU_ISA": "avx2"},
     {"CK_CPU_ISA": "scalar"},
     {"CK_CPU_BLOCK_ROWS": "16", "CK_CPU_BLOCK_COLS": "48"},
@@ -197,17 +199,45 @@ def test_code_paths(monkeypatch, env):
         check(run(q, k, scale, lab, grads), exact(q, k, scale, lab, *grads), TOL[torch.float32])
 
 
+def _hardware_isa():
+    """The best path by the CPU's own flags (Linux), independent of the extension's cpuid code."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")),
+                         None)
+    except OSError:
+        flags = None
+    if flags is None:
+        return None
+    if {"avx512f", "avx2", "fma"} <= set(flags):
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= set(flags) else "scalar"
+
+
+@pytest.mark.parametrize("want", ["scalar", "avx2", "avx512"])
+def test_cpu_isa_reports_the_path(monkeypatch, want):
+    """cpu_isa() names the path CK_CPU_ISA selects, lowered to what the hardware supports."""
+    order = ["scalar", "avx2", "avx512"]
+    monkeypatch.delenv("CK_CPU_ISA", raising=False)
+    hw = torch.ops.ck_native.cpu_isa()
+    assert hw in order
+    if _hardware_isa() is not None and platform.machine() in ("x86_64", "AMD64"):
+        assert hw == _hardware_isa()
+    monkeypatch.setenv("CK_CPU_ISA", want)
+    assert torch.ops.ck_native.cpu_isa() == order[min(order.index(want), order.index(hw))]
+
+
 def test_bad_tile_env(monkeypatch):
     monkeypatch.setenv("CK_CPU_BLOCK_ROWS", "zero")
     q, k, scale, _, _ = make(7, 7, 7, torch.float32)
     with pytest.raises(RuntimeError, match="CK_CPU_BLOCK_ROWS must be a positive integer"):
-        torch.ops.ck_native.lse_fwd(q, k, scale, None, True)
+        torch.ops.ck_native.lse_fwd(q, k, scale, None, None, None, False, True)
 
 
 def test_nan_propagates():
     q, k, scale, _, _ = make(37, 37, 16, torch.float32)
     q[3, 5] = float("nan")
-    r, c, p = torch.ops.ck_native.lse_fwd(q, k, scale, None, True)
+    r, c, p, _ = torch.ops.ck_native.lse_fwd(q, k, scale, None, None, None, False, True)
     assert torch.isnan(r[3]) and torch.isnan(c).all() and torch.isnan(p[3])
     assert torch.isfinite(r[torch.arange(37) != 3]).all()
 
@@ -241,21 +271,25 @@ def _bad(**over):
 def test_errors(args, match):
     a = args()
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.ck_native.lse_fwd(a["query"], a["keys"], a["scale"], a["labels"], True)
+        torch.ops.ck_native.lse_fwd(a["query"], a["keys"], a["scale"], a["labels"], None, None,
+                                    False, True)
 
 
 def test_bwd_errors():
     q, k, scale, _, _ = make(7, 9, 5, torch.float32)
-    r, c, _ = torch.ops.ck_native.lse_fwd(q, k, scale, None, False)
+    r, c, _, _ = torch.ops.ck_native.lse_fwd(q, k, scale, None, None, None, False, False)
     g = torch.ones(7)
     with pytest.raises(RuntimeError, match=r"grad_col must be a Float CPU tensor of shape \(9\)"):
-        torch.ops.ck_native.lse_bwd(q, k, scale, None, r, c, g, torch.ones(7), None)
+        torch.ops.ck_native.lse_bwd(q, k, scale, None, None, None, False, r, c, g, torch.ones(7),
+                                    None)
     with pytest.raises(RuntimeError, match=r"col_lse must be a Float CPU tensor of shape \(9\)"):
-        torch.ops.ck_native.lse_bwd(q, k, scale, None, r, c, g, torch.ones(9), None)
+        torch.ops.ck_native.lse_bwd(q, k, scale, None, None, None, False, r, c, g, torch.ones(9),
+                                    None)
     with pytest.raises(RuntimeError, match="grad_row must be a Float"):
-        torch.ops.ck_native.lse_bwd(q, k, scale, None, r, c, g.double(), None, None)
+        torch.ops.ck_native.lse_bwd(q, k, scale, None, None, None, False, r, c, g.double(), None,
+                                    None)
     # col_lse of shape (0,) is fine while grad_col is None.
-    dq, dk = torch.ops.ck_native.lse_bwd(q, k, scale, None, r, c, g, None, g)
+    dq, dk = torch.ops.ck_native.lse_bwd(q, k, scale, None, None, None, False, r, c, g, None, g)
     assert dq.shape == (7, 5) and dk.shape == (9, 5)
 
 
@@ -278,10 +312,11 @@ _RSS_SCRIPT = textwrap.dedent("""
     k /= k.norm(dim=1, keepdim=True)
     s = torch.tensor(20.0)
     g = torch.full((n,), 0.5 / n)
-    torch.ops.ck_native.lse_fwd(q[:8], k[:8], s, None, True)  # load everything lazily loaded
+    # load everything lazily loaded
+    torch.ops.ck_native.lse_fwd(q[:8], k[:8], s, None, None, None, False, True)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    r, c, p = torch.ops.ck_native.lse_fwd(q, k, s, None, True)
-    dq, dk = torch.ops.ck_native.lse_bwd(q, k, s, None, r, c, g, g, -2 * g)
+    r, c, p, _ = torch.ops.ck_native.lse_fwd(q, k, s, None, None, None, False, True)
+    dq, dk = torch.ops.ck_native.lse_bwd(q, k, s, None, None, None, False, r, c, g, g, -2 * g)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"extra_mib": (peak - base) / 1024, "finite": bool(torch.isfinite(dq).all())}))
 """)

@@ -1,4 +1,4 @@
-// Element-wise tile passes of the CPU kernels (see lse_tiles.h for the contract).
+// Element-wise tile passes of the LSE kernels (see lse_tiles.h for the contract).
 //
 // Cost model: per logit the forward does 2·D FLOPs of GEMM and the backward 6·D, against two
 // exponentials (~12 vector ops each) and a few max/add/fma here: at D = 256 on AVX-512 this file
@@ -6,28 +6,18 @@
 // stays in L2 between the GEMM that writes it and the passes that read it, every loop is a
 // unit-stride vector loop, and tails are masked (AVX-512) or scalar (AVX2), never padded.
 //
-// Portability: the SIMD variants are ordinary functions with GCC/Clang `target` attributes, selected
-// at run time by cpuid. Nothing else in the extension is compiled for more than the baseline ISA, so
-// a wheel built here runs on any x86-64 CPU (and the generic code on any other architecture).
+// The −inf guards of the online max (simd.h: rescale_exponent, exp_offset) are applied once per row
+// and once per column of a tile, never per element: the plain path pays O(rows + cols) per tile for
+// them, and the element loops are the same as without exclusion.
 
 #include "lse_tiles.h"
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define CK_X86_SIMD 1
-#include <immintrin.h>
-// GCC's _mm512_reduce_* start from _mm256_undefined_pd(), which -Wmaybe-uninitialized flags.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#else
-#define CK_X86_SIMD 0
-#endif
+#include "isa.h"
+#include "simd.h"
 
 namespace ck::cpu {
 namespace {
@@ -50,24 +40,25 @@ void fwd_tile_generic_impl(const T* S, int64_t rows, int64_t cols, int64_t ld, T
       if (COL) col_scratch[j] = std::max(col_scratch[j], s[j]);
     }
     const T m_new = std::max(row_max[i], m);
-    row_sum[i] *= std::exp(row_max[i] - m_new);
+    row_sum[i] *= std::exp(rescale_exponent(row_max[i], m_new));
     row_max[i] = m_new;
   }
   if (COL) {
     for (int64_t j = 0; j < cols; ++j) {
       const T m_new = std::max(col_max[j], col_scratch[j]);
-      col_sum[j] *= std::exp(col_max[j] - m_new);
+      col_sum[j] *= std::exp(rescale_exponent(col_max[j], m_new));
       col_max[j] = m_new;
+      col_scratch[j] = exp_offset(m_new);
     }
   }
   // Pass 2: the two shifted exponentials of every element.
   for (int64_t i = 0; i < rows; ++i) {
     const T* s = S + i * ld;
-    const T m = row_max[i];
+    const T o = exp_offset(row_max[i]);
     T acc = 0;
     for (int64_t j = 0; j < cols; ++j) {
-      acc += std::exp(s[j] - m);
-      if (COL) col_sum[j] += std::exp(s[j] - col_max[j]);
+      acc += std::exp(s[j] - o);
+      if (COL) col_sum[j] += std::exp(s[j] - col_scratch[j]);
     }
     row_sum[i] += acc;
   }
@@ -100,45 +91,34 @@ void bwd_tile_generic(T* S, int64_t rows, int64_t cols, int64_t ld, const T* row
   }
 }
 
+template <typename T>
+void pos_sum_generic(const T* S, int64_t rows, int64_t cols, int64_t ld, const int32_t* row_ids,
+                     const int32_t* col_ids, T* pos) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* s = S + i * ld;
+    const int32_t ri = row_ids[i];
+    T acc = 0;
+    for (int64_t j = 0; j < cols; ++j) acc += col_ids[j] == ri ? s[j] : T(0);
+    pos[i] += acc;
+  }
+}
+
+template <typename T>
+void pos_add_generic(T* G, int64_t rows, int64_t cols, int64_t ld, const int32_t* row_ids,
+                     const int32_t* col_ids, const T* grad_pos) {
+  for (int64_t i = 0; i < rows; ++i) {
+    T* g = G + i * ld;
+    const int32_t ri = row_ids[i];
+    const T gp = grad_pos[i];
+    for (int64_t j = 0; j < cols; ++j) {
+      if (col_ids[j] == ri) g[j] += gp;
+    }
+  }
+}
+
 #if CK_X86_SIMD
 
-// 2^f on [-1/2, 1/2]: degree-6 polynomial fitted for relative error (1.9e-9 in exact arithmetic,
-// ≤ 1.1e-7 ≈ 1 ulp with float32 Horner). Shared by the AVX-512 and AVX2 paths.
-constexpr float kP0 = 1.000000000e+00f, kP1 = 6.931471825e-01f, kP2 = 2.402264625e-01f,
-                kP3 = 5.550328642e-02f, kP4 = 9.618489072e-03f, kP5 = 1.339993090e-03f,
-                kP6 = 1.534581097e-04f;
-constexpr float kLog2ef = 1.44269504088896341f;
-
-#define CK_AVX512 __attribute__((target("avx512f,avx2,fma")))
-#define CK_AVX2 __attribute__((target("avx2,fma")))
-
 // ---------------------------------------- AVX-512 --------------------------------------------------
-
-// exp2(x) = 2^n · 2^f with n = round(x), f = x − n ∈ [−1/2, 1/2]; vscalefps applies 2^n with correct
-// overflow (→ inf) and underflow (→ 0/denormal). Clamping at −127 keeps n in range; anything below
-// that is < 2^-126, far below float resolution relative to the (≥ 1) sums it is added to.
-// max(c, x) returns x when x is NaN, so NaN propagates into the statistics instead of vanishing.
-CK_AVX512 inline __m512 exp2_avx512(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-127.f), x);
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kP6), f, _mm512_set1_ps(kP5));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kP4));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kP3));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kP2));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kP1));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kP0));
-  return _mm512_scalef_ps(p, n);
-}
-
-// e^x for x = S − offset, the (small) difference of two float logits: the offset is subtracted
-// first, exactly where the weight matters, and only then scaled by log2(e). (Folding log2(e) into
-// the GEMM instead would round the row/column offsets a second time; at |S| ~ 10^4 — scale 100,
-// unnormalised inputs — that alone is a ~5e-4 relative error in the weights. The multiply costs one
-// op of the ~12 per exponential.)
-CK_AVX512 inline __m512 exp_avx512(__m512 x) {
-  return exp2_avx512(_mm512_mul_ps(x, _mm512_set1_ps(kLog2ef)));
-}
 
 template <bool COL>
 CK_AVX512 void fwd_tile_avx512_impl(const float* S, int64_t rows, int64_t cols, int64_t ld,
@@ -147,6 +127,7 @@ CK_AVX512 void fwd_tile_avx512_impl(const float* S, int64_t rows, int64_t cols, 
   const int64_t nfull = cols & ~int64_t(15);
   const __mmask16 tail = static_cast<__mmask16>((1u << (cols - nfull)) - 1u);
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 pinf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
   const __m512 zero = _mm512_setzero_ps();
 
   // Pass 1: row maxima (two accumulators for ILP) and column maxima of the tile, then move the
@@ -173,7 +154,9 @@ CK_AVX512 void fwd_tile_avx512_impl(const float* S, int64_t rows, int64_t cols, 
     for (; j < nfull; j += 16) {
       const __m512 x = _mm512_loadu_ps(s + j);
       m0 = _mm512_max_ps(m0, x);
-      if (COL) _mm512_storeu_ps(col_scratch + j, _mm512_max_ps(_mm512_loadu_ps(col_scratch + j), x));
+      if (COL) {
+        _mm512_storeu_ps(col_scratch + j, _mm512_max_ps(_mm512_loadu_ps(col_scratch + j), x));
+      }
     }
     if (tail) {
       const __m512 x = _mm512_mask_loadu_ps(ninf, tail, s + nfull);
@@ -184,17 +167,22 @@ CK_AVX512 void fwd_tile_avx512_impl(const float* S, int64_t rows, int64_t cols, 
       }
     }
     const float m_new = std::max(row_max[i], _mm512_reduce_max_ps(_mm512_max_ps(m0, m1)));
-    row_sum[i] *= std::exp(row_max[i] - m_new);
+    row_sum[i] *= std::exp(rescale_exponent(row_max[i], m_new));
     row_max[i] = m_new;
   }
   if (COL) {
+    // New column maxima; the scratch then holds the offsets of pass 2 (+inf where the max is −inf).
     for (int64_t j = 0; j < cols; j += 16) {
       const __mmask16 k = j < nfull ? static_cast<__mmask16>(0xFFFF) : tail;
       const __m512 cm = _mm512_maskz_loadu_ps(k, col_max + j);
       const __m512 cn = _mm512_max_ps(cm, _mm512_maskz_loadu_ps(k, col_scratch + j));
+      const __mmask16 same = _mm512_cmp_ps_mask(cm, cn, _CMP_EQ_OQ);
+      const __m512 e = exp_avx512(_mm512_mask_mov_ps(_mm512_sub_ps(cm, cn), same, zero));
       const __m512 cs = _mm512_maskz_loadu_ps(k, col_sum + j);
-      _mm512_mask_storeu_ps(col_sum + j, k, _mm512_mul_ps(cs, exp_avx512(_mm512_sub_ps(cm, cn))));
+      _mm512_mask_storeu_ps(col_sum + j, k, _mm512_mul_ps(cs, e));
       _mm512_mask_storeu_ps(col_max + j, k, cn);
+      const __mmask16 empty = _mm512_cmp_ps_mask(cn, ninf, _CMP_EQ_OQ);
+      _mm512_mask_storeu_ps(col_scratch + j, k, _mm512_mask_mov_ps(cn, empty, pinf));
     }
   }
 
@@ -202,13 +190,13 @@ CK_AVX512 void fwd_tile_avx512_impl(const float* S, int64_t rows, int64_t cols, 
   // and exp(S − column max) added to the column sums, which stay in L1 across the rows.
   for (int64_t i = 0; i < rows; ++i) {
     const float* s = S + i * ld;
-    const __m512 mi = _mm512_set1_ps(row_max[i]);
+    const __m512 mi = _mm512_set1_ps(exp_offset(row_max[i]));
     __m512 acc = zero;
     for (int64_t j = 0; j < nfull; j += 16) {
       const __m512 x = _mm512_loadu_ps(s + j);
       acc = _mm512_add_ps(acc, exp_avx512(_mm512_sub_ps(x, mi)));
       if (COL) {
-        const __m512 e = exp_avx512(_mm512_sub_ps(x, _mm512_loadu_ps(col_max + j)));
+        const __m512 e = exp_avx512(_mm512_sub_ps(x, _mm512_loadu_ps(col_scratch + j)));
         _mm512_storeu_ps(col_sum + j, _mm512_add_ps(_mm512_loadu_ps(col_sum + j), e));
       }
     }
@@ -216,7 +204,8 @@ CK_AVX512 void fwd_tile_avx512_impl(const float* S, int64_t rows, int64_t cols, 
       const __m512 x = _mm512_maskz_loadu_ps(tail, s + nfull);
       acc = _mm512_mask_add_ps(acc, tail, acc, exp_avx512(_mm512_sub_ps(x, mi)));
       if (COL) {
-        const __m512 e = exp_avx512(_mm512_sub_ps(x, _mm512_maskz_loadu_ps(tail, col_max + nfull)));
+        const __m512 o = _mm512_maskz_loadu_ps(tail, col_scratch + nfull);
+        const __m512 e = exp_avx512(_mm512_sub_ps(x, o));
         const __m512 cs = _mm512_maskz_loadu_ps(tail, col_sum + nfull);
         _mm512_mask_storeu_ps(col_sum + nfull, tail, _mm512_add_ps(cs, e));
       }
@@ -272,42 +261,45 @@ CK_AVX512 void bwd_tile_avx512(float* S, int64_t rows, int64_t cols, int64_t ld,
   }
 }
 
+// Class passes: one int32 compare per element; only the positive lanes are loaded (sum) or
+// written (add), so a masked-out lane costs nothing but the compare.
+CK_AVX512 void pos_sum_avx512(const float* S, int64_t rows, int64_t cols, int64_t ld,
+                              const int32_t* row_ids, const int32_t* col_ids, float* pos) {
+  const int64_t nfull = cols & ~int64_t(15);
+  const __mmask16 tail = static_cast<__mmask16>((1u << (cols - nfull)) - 1u);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* s = S + i * ld;
+    const __m512i ri = _mm512_set1_epi32(row_ids[i]);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < cols; j += 16) {
+      const __mmask16 k = j < nfull ? static_cast<__mmask16>(0xFFFF) : tail;
+      const __m512i ids = _mm512_maskz_loadu_epi32(k, col_ids + j);
+      const __mmask16 eq = _mm512_mask_cmpeq_epi32_mask(k, ids, ri);
+      acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(eq, s + j));
+    }
+    pos[i] += _mm512_reduce_add_ps(acc);
+  }
+}
+
+CK_AVX512 void pos_add_avx512(float* G, int64_t rows, int64_t cols, int64_t ld,
+                              const int32_t* row_ids, const int32_t* col_ids,
+                              const float* grad_pos) {
+  const int64_t nfull = cols & ~int64_t(15);
+  const __mmask16 tail = static_cast<__mmask16>((1u << (cols - nfull)) - 1u);
+  for (int64_t i = 0; i < rows; ++i) {
+    float* g = G + i * ld;
+    const __m512i ri = _mm512_set1_epi32(row_ids[i]);
+    const __m512 gp = _mm512_set1_ps(grad_pos[i]);
+    for (int64_t j = 0; j < cols; j += 16) {
+      const __mmask16 k = j < nfull ? static_cast<__mmask16>(0xFFFF) : tail;
+      const __m512i ids = _mm512_maskz_loadu_epi32(k, col_ids + j);
+      const __mmask16 eq = _mm512_mask_cmpeq_epi32_mask(k, ids, ri);
+      _mm512_mask_storeu_ps(g + j, eq, _mm512_add_ps(_mm512_maskz_loadu_ps(eq, g + j), gp));
+    }
+  }
+}
+
 // ------------------------------------------ AVX2 ---------------------------------------------------
-
-// Same polynomial; 2^n is built in the exponent field. n = −127 gives exactly 0, n = 128 gives +inf.
-CK_AVX2 inline __m256 exp2_avx2(__m256 x) {
-  x = _mm256_max_ps(_mm256_set1_ps(-127.f), x);
-  x = _mm256_min_ps(_mm256_set1_ps(128.f), x);
-  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(x, n);
-  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kP6), f, _mm256_set1_ps(kP5));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kP4));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kP3));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kP2));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kP1));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kP0));
-  const __m256i e = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-CK_AVX2 inline __m256 exp_avx2(__m256 x) {
-  return exp2_avx2(_mm256_mul_ps(x, _mm256_set1_ps(kLog2ef)));
-}
-
-CK_AVX2 inline float hmax_avx2(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
-
-CK_AVX2 inline float hsum_avx2(__m256 v) {
-  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_add_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
 
 template <bool COL>
 CK_AVX2 void fwd_tile_avx2_impl(const float* S, int64_t rows, int64_t cols, int64_t ld,
@@ -316,6 +308,7 @@ CK_AVX2 void fwd_tile_avx2_impl(const float* S, int64_t rows, int64_t cols, int6
   const int64_t nfull = cols & ~int64_t(7);
   const float ninf_s = -std::numeric_limits<float>::infinity();
   const __m256 ninf = _mm256_set1_ps(ninf_s);
+  const __m256 pinf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
   if (COL) std::fill(col_scratch, col_scratch + cols, ninf_s);
   for (int64_t i = 0; i < rows; ++i) {
     const float* s = S + i * ld;
@@ -323,7 +316,9 @@ CK_AVX2 void fwd_tile_avx2_impl(const float* S, int64_t rows, int64_t cols, int6
     for (int64_t j = 0; j < nfull; j += 8) {
       const __m256 x = _mm256_loadu_ps(s + j);
       m0 = _mm256_max_ps(m0, x);
-      if (COL) _mm256_storeu_ps(col_scratch + j, _mm256_max_ps(_mm256_loadu_ps(col_scratch + j), x));
+      if (COL) {
+        _mm256_storeu_ps(col_scratch + j, _mm256_max_ps(_mm256_loadu_ps(col_scratch + j), x));
+      }
     }
     float m = hmax_avx2(m0);
     for (int64_t j = nfull; j < cols; ++j) {
@@ -331,39 +326,44 @@ CK_AVX2 void fwd_tile_avx2_impl(const float* S, int64_t rows, int64_t cols, int6
       if (COL) col_scratch[j] = std::max(col_scratch[j], s[j]);
     }
     const float m_new = std::max(row_max[i], m);
-    row_sum[i] *= std::exp(row_max[i] - m_new);
+    row_sum[i] *= std::exp(rescale_exponent(row_max[i], m_new));
     row_max[i] = m_new;
   }
   if (COL) {
     for (int64_t j = 0; j < nfull; j += 8) {
       const __m256 cm = _mm256_loadu_ps(col_max + j);
       const __m256 cn = _mm256_max_ps(cm, _mm256_loadu_ps(col_scratch + j));
-      const __m256 cs = _mm256_loadu_ps(col_sum + j);
-      _mm256_storeu_ps(col_sum + j, _mm256_mul_ps(cs, exp_avx2(_mm256_sub_ps(cm, cn))));
+      const __m256 same = _mm256_cmp_ps(cm, cn, _CMP_EQ_OQ);
+      const __m256 e = exp_avx2(_mm256_andnot_ps(same, _mm256_sub_ps(cm, cn)));
+      _mm256_storeu_ps(col_sum + j, _mm256_mul_ps(_mm256_loadu_ps(col_sum + j), e));
       _mm256_storeu_ps(col_max + j, cn);
+      _mm256_storeu_ps(col_scratch + j,
+                       _mm256_blendv_ps(cn, pinf, _mm256_cmp_ps(cn, ninf, _CMP_EQ_OQ)));
     }
     for (int64_t j = nfull; j < cols; ++j) {
       const float cn = std::max(col_max[j], col_scratch[j]);
-      col_sum[j] *= std::exp(col_max[j] - cn);
+      col_sum[j] *= std::exp(rescale_exponent(col_max[j], cn));
       col_max[j] = cn;
+      col_scratch[j] = exp_offset(cn);
     }
   }
   for (int64_t i = 0; i < rows; ++i) {
     const float* s = S + i * ld;
-    const __m256 mi = _mm256_set1_ps(row_max[i]);
+    const float o = exp_offset(row_max[i]);
+    const __m256 mi = _mm256_set1_ps(o);
     __m256 acc = _mm256_setzero_ps();
     for (int64_t j = 0; j < nfull; j += 8) {
       const __m256 x = _mm256_loadu_ps(s + j);
       acc = _mm256_add_ps(acc, exp_avx2(_mm256_sub_ps(x, mi)));
       if (COL) {
-        const __m256 e = exp_avx2(_mm256_sub_ps(x, _mm256_loadu_ps(col_max + j)));
+        const __m256 e = exp_avx2(_mm256_sub_ps(x, _mm256_loadu_ps(col_scratch + j)));
         _mm256_storeu_ps(col_sum + j, _mm256_add_ps(_mm256_loadu_ps(col_sum + j), e));
       }
     }
     float a = hsum_avx2(acc);
     for (int64_t j = nfull; j < cols; ++j) {
-      a += std::exp(s[j] - row_max[i]);
-      if (COL) col_sum[j] += std::exp(s[j] - col_max[j]);
+      a += std::exp(s[j] - o);
+      if (COL) col_sum[j] += std::exp(s[j] - col_scratch[j]);
     }
     row_sum[i] += a;
   }
@@ -417,58 +417,68 @@ CK_AVX2 void bwd_tile_avx2(float* S, int64_t rows, int64_t cols, int64_t ld, con
   }
 }
 
-#endif  // CK_X86_SIMD
-
-// --------------------------------------------------------------------------------------------------
-// Run-time selection.
-// --------------------------------------------------------------------------------------------------
-
-enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
-
-Isa hardware_isa() {
-  static const Isa isa = [] {
-#if CK_X86_SIMD
-    __builtin_cpu_init();
-    // cpuid feature bits; GCC/Clang also check that the OS saves the wider register state.
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
-        __builtin_cpu_supports("fma")) {
-      return Isa::kAvx512;
+CK_AVX2 void pos_sum_avx2(const float* S, int64_t rows, int64_t cols, int64_t ld,
+                          const int32_t* row_ids, const int32_t* col_ids, float* pos) {
+  const int64_t nfull = cols & ~int64_t(7);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* s = S + i * ld;
+    const int32_t ri_s = row_ids[i];
+    const __m256i ri = _mm256_set1_epi32(ri_s);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < nfull; j += 8) {
+      const __m256i ids = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col_ids + j));
+      const __m256 eq = _mm256_castsi256_ps(_mm256_cmpeq_epi32(ids, ri));
+      acc = _mm256_add_ps(acc, _mm256_and_ps(eq, _mm256_loadu_ps(s + j)));
     }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-#endif
-    return Isa::kScalar;
-  }();
-  return isa;
-}
-
-Isa selected_isa() {
-  const Isa hw = hardware_isa();
-  const char* env = std::getenv("CK_CPU_ISA");
-  if (env == nullptr || *env == '\0') return hw;
-  Isa want = hw;
-  if (std::strcmp(env, "scalar") == 0) want = Isa::kScalar;
-  else if (std::strcmp(env, "avx2") == 0) want = Isa::kAvx2;
-  else if (std::strcmp(env, "avx512") == 0) want = Isa::kAvx512;
-  return static_cast<Isa>(std::min(static_cast<int>(want), static_cast<int>(hw)));
-}
-
-}  // namespace
-
-TileKernels<float> tile_kernels_f32() {
-  switch (selected_isa()) {
-#if CK_X86_SIMD
-    case Isa::kAvx512:
-      return {&fwd_tile_avx512, &bwd_tile_avx512, "avx512"};
-    case Isa::kAvx2:
-      return {&fwd_tile_avx2, &bwd_tile_avx2, "avx2"};
-#endif
-    default:
-      return {&fwd_tile_generic<float>, &bwd_tile_generic<float>, "scalar"};
+    float a = hsum_avx2(acc);
+    for (int64_t j = nfull; j < cols; ++j) a += col_ids[j] == ri_s ? s[j] : 0.f;
+    pos[i] += a;
   }
 }
 
-TileKernels<double> tile_kernels_f64() {
-  return {&fwd_tile_generic<double>, &bwd_tile_generic<double>, "scalar"};
+CK_AVX2 void pos_add_avx2(float* G, int64_t rows, int64_t cols, int64_t ld,
+                          const int32_t* row_ids, const int32_t* col_ids, const float* grad_pos) {
+  const int64_t nfull = cols & ~int64_t(7);
+  for (int64_t i = 0; i < rows; ++i) {
+    float* g = G + i * ld;
+    const int32_t ri_s = row_ids[i];
+    const __m256i ri = _mm256_set1_epi32(ri_s);
+    const __m256 gp = _mm256_set1_ps(grad_pos[i]);
+    for (int64_t j = 0; j < nfull; j += 8) {
+      const __m256i ids = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col_ids + j));
+      const __m256 eq = _mm256_castsi256_ps(_mm256_cmpeq_epi32(ids, ri));
+      _mm256_storeu_ps(g + j, _mm256_add_ps(_mm256_loadu_ps(g + j), _mm256_and_ps(eq, gp)));
+    }
+    for (int64_t j = nfull; j < cols; ++j) {
+      if (col_ids[j] == ri_s) g[j] += grad_pos[i];
+    }
+  }
+}
+
+#endif  // CK_X86_SIMD
+
+}  // namespace
+
+template <>
+LseTileKernels<float> lse_tile_kernels<float>() {
+  const Isa isa = selected_isa();
+  switch (isa) {
+#if CK_X86_SIMD
+    case Isa::kAvx512:
+      return {&fwd_tile_avx512, &bwd_tile_avx512, &pos_sum_avx512, &pos_add_avx512, isa_name(isa)};
+    case Isa::kAvx2:
+      return {&fwd_tile_avx2, &bwd_tile_avx2, &pos_sum_avx2, &pos_add_avx2, isa_name(isa)};
+#endif
+    default:
+      return {&fwd_tile_generic<float>, &bwd_tile_generic<float>, &pos_sum_generic<float>,
+              &pos_add_generic<float>, isa_name(Isa::kScalar)};
+  }
+}
+
+template <>
+LseTileKernels<double> lse_tile_kernels<double>() {
+  return {&fwd_tile_generic<double>, &bwd_tile_generic<double>, &pos_sum_generic<double>,
+          &pos_add_generic<double>, isa_name(Isa::kScalar)};
 }
 
 }  // namespace ck::cpu
