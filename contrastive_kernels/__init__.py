@@ -14,8 +14,9 @@ __version__ = "0.1.0"
 from . import reference
 from ._checks import set_device_value_checks
 from .backends import BACKEND_CHOICES, availability
-from .functional import clip_loss, info_nce, lse_stats
+from .functional import clip_loss, info_nce, lse_stats, nt_xent_loss, siglip_loss, supcon_loss
 from .gamma import GammaContrastiveLoss, gamma_contrastive_loss
+from .grad_cache import GradCache
 from .modality import (
     DEFAULT_WEIGHTS,
     ModalityStructureLoss,
@@ -25,7 +26,7 @@ from .modality import (
     modality_contrastive_loss,
     uniformity_loss,
 )
-from .modules import ClipLoss, InfoNCELoss
+from .modules import ClipLoss, InfoNCELoss, NTXentLoss, SigLipLoss, SupConLoss
 from . import distributed
 from .distributed import DistributedGammaContrastiveLoss, RingClipLoss, ring_lse_stats
 
@@ -38,8 +39,15 @@ __all__ = [
     "gamma_contrastive_loss",
     "info_nce",
     "lse_stats",
+    "nt_xent_loss",
+    "supcon_loss",
+    "siglip_loss",
     "ClipLoss",
     "InfoNCELoss",
+    "NTXentLoss",
+    "SupConLoss",
+    "SigLipLoss",
+    "GradCache",
     "GammaContrastiveLoss",
     "geometric_consistency_loss",
     "brownian_bridge_loss",

@@ -1,9 +1,20 @@
-"""Public functional API of the log-sum-exp losses (api.md): validated front doors to the ops.
+"""Public functional API (api.md): validated front doors to the registered ops.
 
 Every function checks its inputs (``_checks``: clear ``ValueError``/``TypeError`` naming the
-offending shapes, dtypes or values), resolves the backend, then calls the registered op
-``ops.lse_fwd`` and builds the loss from the per-row/per-column statistics with a few O(N) ops.
-Autograd flows through the op's single registered backward, whatever the backend.
+offending shapes, dtypes or values), resolves the backend, then calls a registered op (``ops``) and
+builds the loss from its per-row/per-column statistics with a few O(N) ops. Autograd flows through
+the op's single registered backward, whatever the backend.
+
+=====================  =====================================================  ================
+function               loss                                                   docs/math.md
+=====================  =====================================================  ================
+``lse_stats``          the op's statistics: build your own loss               §2
+``info_nce``           one-directional InfoNCE, M ≥ 1 candidates              §1
+``clip_loss``          symmetric CLIP (open_clip's ClipLoss)                  §1
+``nt_xent_loss``       SimCLR NT-Xent over 2N views, self pair excluded       §6
+``supcon_loss``        supervised contrastive (Khosla "L_out"), class positives  §6
+``siglip_loss``        sigmoid loss (open_clip's SigLipLoss)                  §7
+=====================  =====================================================  ================
 
 Shapes: ``N`` anchors, ``M`` candidates, ``D`` features. Losses and statistics are float32 (float64
 for float64 inputs); gradients come back in the input dtype. Nothing here reads a device tensor's
@@ -13,29 +24,64 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from . import _checks, backends, ops
 from ._types import ScaleLike
 
-__all__ = ["info_nce", "clip_loss", "lse_stats"]
+__all__ = ["info_nce", "clip_loss", "lse_stats", "nt_xent_loss", "supcon_loss", "siglip_loss"]
+
+
+def _lse(query, keys, scale, labels, row_classes, col_classes, exclude_self, compute_col, backend):
+    """The op on validated inputs: (row_lse, col_lse, pos, pos_count)."""
+    name = backends.resolve(backend, query.device, query.dtype,
+                            backends.features_of(exclude_self=exclude_self,
+                                                 classes=row_classes is not None))
+    return ops.lse_fwd(query.contiguous(), keys.contiguous(), scale, labels, row_classes,
+                       col_classes, exclude_self, compute_col, name)
 
 
 def lse_stats(query: Tensor, keys: Tensor, logit_scale: ScaleLike, labels: Optional[Tensor] = None,
-              *, compute_col: bool = True, backend: str = "auto"):
-    """The op family's statistics of ``S = logit_scale·query·keysᵀ``, differentiable.
+              *, compute_col: bool = True, exclude_self: bool = False,
+              query_classes: Optional[Tensor] = None, key_classes: Optional[Tensor] = None,
+              backend: str = "auto"):
+    """The log-sum-exp op's statistics of ``S = logit_scale·query·keysᵀ``, differentiable.
 
     Args:
         query: (N, D). keys: (M, D). labels: (N,) int64 or None (positive of row i is column i).
+        compute_col: also return the column statistic.
+        exclude_self: leave the self pair ``(i, i)`` (i < min(N, M)) out of both statistics — for
+            anchors that are also candidates (``keys`` is ``query``, or starts with it).
+        query_classes, key_classes: (N,) and (M,) int64 class labels (both or neither, instead of
+            ``labels``): the positives of row i are then every column of its class (the self pair
+            excluded under ``exclude_self``).
     Returns:
-        ``(row_lse (N,), col_lse (M,) or (0,), pos (N,))``: log Σ_j exp(S_ij), log Σ_i exp(S_ij),
-        S_{i, l_i}. Building block for losses beyond the ones shipped here.
+        ``(row_lse (N,), col_lse (M,) or (0,), pos (N,))`` — ``log Σ_j exp(S_ij)``,
+        ``log Σ_i exp(S_ij)`` and ``S_{i, l_i}`` — or, with classes, ``(row_lse, col_lse,
+        pos_sum (N,), pos_count (N,))``, the sum of the positive logits of each row and their
+        number (not differentiable). Building block for losses beyond the ones shipped here.
     """
     _checks.check_features("query", query, "keys", keys)
-    labels = _checks.check_labels(labels, query.shape[0], keys.shape[0], query.device)
+    n, m = query.shape[0], keys.shape[0]
+    if not isinstance(exclude_self, bool):
+        raise TypeError(f"exclude_self must be a bool, got {type(exclude_self).__name__}")
+    if (query_classes is None) != (key_classes is None):
+        raise ValueError("query_classes and key_classes go together: pass both (N,) and (M,) "
+                         "int64 tensors, or neither")
+    if query_classes is not None:
+        if labels is not None:
+            raise ValueError("pass labels (one positive column per row) or classes (every "
+                             "same-class column is a positive), not both")
+        rc = _checks.check_int_vector("query_classes", query_classes, n, query.device)
+        cc = _checks.check_int_vector("key_classes", key_classes, m, query.device)
+        scale = _checks.scale_tensor(logit_scale, query)
+        return _lse(query, keys, scale, None, rc, cc, exclude_self, compute_col, backend)
+    labels = _checks.check_labels(labels, n, m, query.device)
     scale = _checks.scale_tensor(logit_scale, query)
-    name = backends.resolve(backend, query.device, query.dtype)
-    return ops.lse_fwd(query.contiguous(), keys.contiguous(), scale, labels, compute_col, name)
+    row, col, pos, _ = _lse(query, keys, scale, labels, None, None, exclude_self, compute_col,
+                            backend)
+    return row, col, pos
 
 
 def info_nce(query: Tensor, keys: Tensor, logit_scale: ScaleLike, labels: Optional[Tensor] = None,
@@ -80,3 +126,139 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: ScaleL
                               compute_col=True, backend=backend)
     loss = _checks.reduce(0.5 * ((row - pos) + (col - pos)), reduction)
     return _checks.zero_gradient_term(loss, logit_bias)
+
+
+def nt_xent_loss(view_a: Tensor, view_b: Tensor, logit_scale: ScaleLike, *,
+                 reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """SimCLR's NT-Xent over the 2N views (docs/math.md §6), fused, without the N×N matrix.
+
+    Every view is an anchor; its positive is the other view of its pair; every other view (the
+    same-view ones included) is a negative; the self pair is excluded from the denominator:
+    ``ℓ_i = log Σ_{j≠i} exp(S_ij) − S_{i,p(i)}`` over ``X = [view_a; view_b]`` with
+    ``S = logit_scale·X·Xᵀ``. Equals pytorch-metric-learning's
+    ``NTXentLoss(temperature=1/logit_scale)(cat(view_a, view_b), cat(arange N, arange N))`` on
+    L2-normalised inputs (features are used as given: normalise them first for cosine similarity).
+
+    Args:
+        view_a, view_b: (N, D) the two views; row i of each is the same sample.
+        logit_scale: s = 1/temperature, float or 0-d tensor (gets a gradient when it requires one).
+        reduction: "mean" (over the 2N anchors) | "sum" | "none" ((2N,): view_a's anchors, then
+            view_b's).
+    Returns:
+        Scalar or (2N,); float32 (float64 for float64 inputs).
+    """
+    _checks.check_reduction(reduction)
+    _checks.check_matrix("view_a", view_a)
+    _checks.check_matrix("view_b", view_b)
+    if view_a.shape != view_b.shape:
+        raise ValueError(f"nt_xent_loss pairs row i of view_a with row i of view_b, so the views "
+                         f"must have the same shape: view_a {tuple(view_a.shape)} vs view_b "
+                         f"{tuple(view_b.shape)}")
+    _checks.check_features("view_a", view_a, "view_b", view_b)
+    n = view_a.shape[0]
+    x = torch.cat([view_a, view_b])
+    scale = _checks.scale_tensor(logit_scale, x)
+    idx = torch.arange(n, device=x.device)
+    other = torch.cat([idx + n, idx])  # the other view of each anchor
+    row, _, pos, _ = _lse(x, x, scale, other, None, None, True, False, backend)
+    return _checks.reduce(row - pos, reduction)
+
+
+def supcon_loss(features: Tensor, labels: Tensor, logit_scale: ScaleLike, *,
+                ref_features: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None,
+                reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020, "L_out"; docs/math.md §6), fused.
+
+    ``ℓ_i = log Σ_{j∈A(i)} exp(S_ij) − (1/|P(i)|)·Σ_{p∈P(i)} S_ip`` with ``S = logit_scale·F·Rᵀ``:
+    without a reference set ``R = F``, ``A(i)`` = every other row and ``P(i)`` = the other rows of
+    row i's class (multi-view SupCon: the views are rows with equal labels); with ``ref_features``
+    ``R`` is the reference set, ``A(i)`` all of it and ``P(i)`` its rows of row i's class (no self
+    pair). The same positives, the same masks and the same normalisation as
+    pytorch-metric-learning's ``SupConLoss(temperature=1/logit_scale)`` on L2-normalised inputs:
+
+    - anchors with no positive are left out of the mean (``reduction="none"`` gives them 0);
+    - a batch with no positive pair, or no negative pair, at all has loss 0 and a zero gradient
+      (as PML; decided on the device, no host read);
+    - PML's default reducer also drops anchors whose loss rounds to exactly 0 (every negative far
+      below the positive); they are kept here (their gradient is 0 as well), so the mean can differ
+      from PML's in that one case.
+
+    Args:
+        features: (N, D). labels: (N,) int64 classes. logit_scale: s = 1/temperature (gets a
+            gradient when it requires one). ref_features: (M, D), ref_labels: (M,) int64 — both
+            or neither. reduction: "mean" | "sum" | "none" ((N,)).
+    Returns:
+        Scalar or (N,); float32 (float64 for float64 inputs).
+    """
+    _checks.check_reduction(reduction)
+    _checks.check_matrix("features", features)
+    n = features.shape[0]
+    labels = _checks.check_int_vector("labels", labels, n, features.device)
+    if (ref_features is None) != (ref_labels is None):
+        missing = "ref_labels" if ref_labels is None else "ref_features"
+        raise ValueError(f"ref_features and ref_labels go together: {missing} is missing")
+    if ref_features is None:
+        keys, key_labels, exclude = features, labels, True
+    else:
+        _checks.check_features("features", features, "ref_features", ref_features)
+        keys, exclude = ref_features, False
+        key_labels = _checks.check_int_vector("ref_labels", ref_labels, ref_features.shape[0],
+                                              features.device)
+    scale = _checks.scale_tensor(logit_scale, features)
+    row, _, pos_sum, pos_count = _lse(features, keys, scale, None, labels, key_labels, exclude,
+                                      False, backend)
+    has_pos = pos_count > 0
+    # the candidates of row i, |A(i)|: every key, minus the self pair when keys are the features
+    candidates = keys.shape[0] - (1 if exclude else 0)
+    batch_ok = has_pos.any() & (pos_count < candidates).any()
+    keep = has_pos & batch_ok
+    # selects, never multiplies: an anchor with nothing left has row = −inf, and 0/0 for |P| = 0
+    per = torch.where(keep, row - pos_sum / pos_count.clamp_min(1), torch.zeros_like(row))
+    if reduction == "mean":
+        return per.sum() / keep.sum().clamp_min(1).to(per.dtype)
+    return _checks.reduce(per, reduction)
+
+
+def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: ScaleLike,
+                logit_bias: Optional[ScaleLike] = None, *, labels: Optional[Tensor] = None,
+                reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """The sigmoid (SigLIP) loss (Zhai et al. 2023; docs/math.md §7), fused, no N×N matrix.
+
+    ``L = (1/N)·Σ_ij softplus(−z_ij·(s·img_i·txt_j + b))`` with ``z_ij = +1`` for positive pairs
+    (``i = j``, or with ``labels`` every pair of equal labels) and −1 otherwise — open_clip's
+    ``SigLipLoss`` normalisation (sum over all pairs, divided by N).
+
+    Args:
+        image_features, text_features: (N, D); pair i is (image i, text i).
+        logit_scale: s (already exponentiated, as open_clip passes it); gets its exact gradient.
+        logit_bias: b, a float or one-element tensor (None: 0); gets its exact gradient.
+        labels: optional (N,) int64: every pair (i, j) with ``labels[i] == labels[j]`` is positive.
+        reduction: "mean" (Σ/N, open_clip's) | "sum" | "none" (per image: Σ_j, shape (N,)).
+    Returns:
+        Scalar or (N,); float32 (float64 for float64 inputs).
+    """
+    _checks.check_reduction(reduction)
+    _checks.check_pairs("siglip_loss", "image_features", image_features, "text_features",
+                        text_features)
+    n = image_features.shape[0]
+    scale = _checks.scale_tensor(logit_scale, image_features)
+    bias = _checks.bias_tensor(0.0 if logit_bias is None else logit_bias, image_features)
+    classes = None
+    if labels is not None:
+        classes = _checks.check_int_vector("labels", labels, n, image_features.device)
+    rows = sigmoid_rows(image_features, text_features, scale, bias, classes, classes,
+                        classes is None, backend)
+    if reduction == "mean":
+        return rows.sum() / n
+    return _checks.reduce(rows, reduction)
+
+
+def sigmoid_rows(image_features: Tensor, text_features: Tensor, scale: Tensor, bias: Tensor,
+                 row_classes: Optional[Tensor], col_classes: Optional[Tensor], diagonal: bool,
+                 backend: str) -> Tensor:
+    """The sigmoid op on validated inputs: per-row sums (N,) of softplus(−z·(S + b)); the blocks
+    of the distributed SigLIP losses call it with ``diagonal=False`` (negatives only)."""
+    name = backends.resolve(backend, image_features.device, image_features.dtype,
+                            backends.features_of(sigmoid=True))
+    return ops.sigmoid_fwd(image_features.contiguous(), text_features.contiguous(), scale, bias,
+                           row_classes, col_classes, diagonal, name)

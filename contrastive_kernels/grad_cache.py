@@ -1,4 +1,4 @@
-"""Gradient caching for the encoders of a contrastive step (math.md §8; Gao et al. 2021).
+"""Gradient caching for the encoders of a contrastive step (docs/math.md §8; Gao et al. 2021).
 
 A fused loss needs O((N+M)·D) memory, but the encoders' activations still grow with the batch.
 :class:`GradCache` splits one training step into three stages so that only one chunk's
@@ -212,7 +212,7 @@ def _as_list(value) -> list:
 # ---------------------------------------------------------------------------------------------
 
 class GradCache:
-    r"""One contrastive training step with gradient caching (math.md §8): full-batch gradients at
+    r"""One contrastive training step with gradient caching (docs/math.md §8): full-batch gradients at
     the memory of one chunk's encoder activations.
 
     Args:

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from . import functional
 
-__all__ = ["ClipLoss", "InfoNCELoss"]
+__all__ = ["ClipLoss", "InfoNCELoss", "NTXentLoss", "SupConLoss", "SigLipLoss"]
 
 
 class InfoNCELoss(nn.Module):
@@ -24,7 +24,7 @@ class InfoNCELoss(nn.Module):
 
     def forward(self, query: Tensor, keys: Tensor, logit_scale, labels: Optional[Tensor] = None):
         return functional.info_nce(query, keys, logit_scale, labels, reduction=self.reduction,
-                          backend=self.backend)
+                                   backend=self.backend)
 
 
 class ClipLoss(nn.Module):
@@ -115,4 +115,101 @@ class ClipLoss(nn.Module):
                     local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
                     rank=self.rank, world_size=self.world_size, labels=labels,
                     backend=self.backend)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+class NTXentLoss(nn.Module):
+    """Module form of :func:`contrastive_kernels.nt_xent_loss` (SimCLR, 2N views).
+
+    ``forward(view_a (N, D), view_b (N, D), logit_scale)`` → loss. ``logit_scale`` is
+    ``1/temperature``, already exponentiated; pass a tensor that requires grad to learn it.
+    """
+
+    def __init__(self, *, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, view_a: Tensor, view_b: Tensor, logit_scale):
+        return functional.nt_xent_loss(view_a, view_b, logit_scale, reduction=self.reduction,
+                                       backend=self.backend)
+
+
+class SupConLoss(nn.Module):
+    """Module form of :func:`contrastive_kernels.supcon_loss`.
+
+    ``forward(features (N, D), labels (N,) int64, logit_scale, ref_features=None (M, D),
+    ref_labels=None (M,))`` → loss. Multi-view SupCon: stack the views as rows with equal labels.
+    """
+
+    def __init__(self, *, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, features: Tensor, labels: Tensor, logit_scale,
+                ref_features: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None):
+        return functional.supcon_loss(features, labels, logit_scale, ref_features=ref_features,
+                                      ref_labels=ref_labels, reduction=self.reduction,
+                                      backend=self.backend)
+
+
+class SigLipLoss(nn.Module):
+    """Drop-in replacement for open_clip's ``SigLipLoss``, computed by the fused sigmoid op.
+
+    Same constructor and call as open_clip: ``forward(image_features (N, D), text_features (N, D),
+    logit_scale, logit_bias, output_dict=False)`` returns the sigmoid loss (sum over all pairs / N)
+    or ``{"contrastive_loss": loss}``; values and gradients (features, ``logit_scale``,
+    ``logit_bias``) equal open_clip's up to rounding, without the N×N logits.
+
+    Distributed (``world_size > 1``; an initialised default process group whose rank/size match;
+    every rank holds the same N): rank r's loss is its own images against its own texts (diagonal
+    positives) plus its images against every other rank's texts (negatives only), as open_clip's,
+    for every ``dist_impl``: ``"bidir"`` (open_clip's default) and ``"shift"`` run the gather-free
+    ring of :mod:`contrastive_kernels.distributed.siglip` (text blocks travel point to point, one
+    in flight, O(N·D) memory per rank; their gradients travel home in the backward), ``"gather"``
+    all-gathers the texts with autograd (O(W·N·D)), ``"reduce"`` receives them by all-reduce as
+    open_clip does. Per rank, under all four, exactly as open_clip:
+
+    ===================  ===================================================================
+    value on rank r      L_r = (1/N)·Σ over rank r's image rows of every pair with every text
+    image features       ∂L_r/∂I_r (only rank r's loss sees rank r's images)
+    text features        Σ_r' ∂L_r'/∂T_r (every rank's loss sees rank r's texts)
+    logit_scale, bias    ∂L_r/∂s, ∂L_r/∂b
+    ===================  ===================================================================
+
+    With DDP averaging the parameter gradients over W ranks, the towers and ``logit_scale`` end up
+    with ∂(Σ_r L_r / W)/∂θ — the gradient of the mean per-rank loss, consistently for every
+    parameter (unlike the CLIP loss's default, see ``ClipLoss``).
+    ``cache_labels`` is accepted for compatibility; there are no label matrices to cache.
+    """
+
+    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
+                 dist_impl: Optional[str] = None, *, backend: str = "auto"):
+        super().__init__()
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+        dist_impl = dist_impl or "bidir"  # open_clip's default
+        if dist_impl not in ("bidir", "shift", "reduce", "gather"):
+            raise ValueError(f"dist_impl must be 'bidir', 'shift', 'reduce' or 'gather', got "
+                             f"{dist_impl!r}")
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.dist_impl = dist_impl
+        self.backend = backend
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
+                logit_bias=None, output_dict: bool = False):
+        if self.world_size == 1:
+            loss = functional.siglip_loss(image_features, text_features, logit_scale, logit_bias,
+                                          backend=self.backend)
+        else:
+            from . import distributed
+            distributed.check_rank_world(self.rank, self.world_size, what="SigLipLoss")
+            loss = distributed.distributed_siglip_loss(
+                image_features, text_features, logit_scale, logit_bias,
+                dist_impl=self.dist_impl, backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss

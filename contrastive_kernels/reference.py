@@ -1,4 +1,5 @@
-"""Dense reference formulas (docs/math.md §1 and §3) — the ground truth every test compares against.
+"""Dense reference formulas (docs/math.md §1, §3, §6, §7) — the ground truth every test compares
+against (the one dense oracle of the conformance suite).
 
 These materialise the full N×M logit matrix, so they are for checking, not for training at scale.
 They deliberately import nothing from the rest of the package: a bug in the fused path cannot leak
@@ -18,6 +19,9 @@ __all__ = [
     "clip_loss",
     "gamma_contrastive_loss",
     "lse_stats",
+    "nt_xent_loss",
+    "supcon_loss",
+    "siglip_loss",
 ]
 
 
@@ -40,12 +44,27 @@ def _labels(n: int, labels: Optional[Tensor], device) -> Tensor:
     return torch.arange(n, device=device) if labels is None else labels
 
 
-def lse_stats(query: Tensor, keys: Tensor, logit_scale, labels: Optional[Tensor] = None):
-    """(row_lse (N,), col_lse (M,), pos (N,)) of S, densely."""
+def lse_stats(query: Tensor, keys: Tensor, logit_scale, labels: Optional[Tensor] = None, *,
+              exclude_self: bool = False, query_classes: Optional[Tensor] = None,
+              key_classes: Optional[Tensor] = None):
+    """(row_lse (N,), col_lse (M,), pos (N,)) of S densely, or with classes
+    (row_lse, col_lse, pos_sum (N,), pos_count (N,)); the self pair left out under
+    ``exclude_self`` (a label on it then means no positive: pos 0)."""
     s = logits(query, keys, logit_scale)
-    lab = _labels(query.shape[0], labels, query.device)
+    n, m = s.shape
+    self_pair = (torch.arange(n, device=s.device)[:, None] == torch.arange(m, device=s.device)[None, :])
+    masked = s.masked_fill(self_pair, float("-inf")) if exclude_self else s
+    row, col = torch.logsumexp(masked, dim=1), torch.logsumexp(masked, dim=0)
+    if query_classes is not None:
+        pos_mask = query_classes[:, None] == key_classes[None, :]
+        if exclude_self:
+            pos_mask = pos_mask & ~self_pair
+        return row, col, torch.where(pos_mask, s, 0.0).sum(1), pos_mask.sum(1).to(s.dtype)
+    lab = _labels(n, labels, query.device)
     pos = s.gather(1, lab[:, None]).squeeze(1)
-    return torch.logsumexp(s, dim=1), torch.logsumexp(s, dim=0), pos
+    if exclude_self:
+        pos = torch.where(lab == torch.arange(n, device=s.device), 0.0, pos)
+    return row, col, pos
 
 
 def info_nce(query: Tensor, keys: Tensor, logit_scale, labels: Optional[Tensor] = None,
@@ -80,3 +99,56 @@ def gamma_contrastive_loss(query: Tensor, keys: Tensor, logit_scale, log_u: Tens
     log_z = torch.logsumexp(s, dim=1) - math.log(s.shape[1])
     per_sample = -s.gather(1, lab[:, None]).squeeze(1) + torch.exp(log_u.detach() + log_z)
     return _reduce(per_sample, reduction), log_z.detach()
+
+
+def nt_xent_loss(view_a: Tensor, view_b: Tensor, logit_scale, reduction: str = "mean") -> Tensor:
+    """SimCLR NT-Xent over X = [a; b]: ℓ_i = log Σ_{j≠i} exp(S_ij) − S_{i, i±N} (docs/math.md §6)."""
+    x = torch.cat([view_a, view_b])
+    n2 = x.shape[0]
+    s = logits(x, x, logit_scale).masked_fill(torch.eye(n2, dtype=torch.bool, device=x.device),
+                                              float("-inf"))
+    other = torch.arange(n2, device=x.device).roll(n2 // 2)
+    per_sample = torch.logsumexp(s, dim=1) - s.gather(1, other[:, None]).squeeze(1)
+    return _reduce(per_sample, reduction)
+
+
+def supcon_loss(features: Tensor, labels: Tensor, logit_scale, ref_features: Optional[Tensor] = None,
+                ref_labels: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+    """SupCon "L_out" (docs/math.md §6): ℓ_i = log Σ_{A(i)} exp(S) − mean_{P(i)} S; anchors without
+    a positive are left out (0 under "none"); a batch without any positive or negative pair is 0."""
+    keys = features if ref_features is None else ref_features
+    key_labels = labels if ref_labels is None else ref_labels
+    s = logits(features, keys, logit_scale)
+    n, m = s.shape
+    candidate = torch.ones(n, m, dtype=torch.bool, device=s.device)
+    if ref_features is None:
+        candidate &= ~torch.eye(n, m, dtype=torch.bool, device=s.device)
+    pos_mask = (labels[:, None] == key_labels[None, :]) & candidate
+    neg_mask = (labels[:, None] != key_labels[None, :]) & candidate
+    count = pos_mask.sum(1)
+    lse = torch.logsumexp(s.masked_fill(~candidate, float("-inf")), dim=1)
+    mean_pos = torch.where(pos_mask, s, 0.0).sum(1) / count.clamp_min(1)
+    keep = (count > 0) & bool(pos_mask.any() and neg_mask.any())
+    per_sample = torch.where(keep, lse - mean_pos, torch.zeros_like(lse))
+    if reduction == "mean":
+        return per_sample.sum() / keep.sum().clamp_min(1)
+    return _reduce(per_sample, reduction)
+
+
+def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
+                labels: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+    """Sigmoid loss (docs/math.md §7): Σ_ij softplus(−z_ij·(s·I·Tᵀ + b))/N, z = +1 on positives."""
+    s = logits(image_features, text_features, logit_scale)
+    if logit_bias is not None:
+        s = s + logit_bias
+    n = s.shape[0]
+    if labels is None:
+        pos = torch.eye(n, dtype=torch.bool, device=s.device)
+    else:
+        pos = labels[:, None] == labels[None, :]
+    z = torch.where(pos, 1.0, -1.0).to(s.dtype)
+    # softplus(x) = log(1 + e^x) exactly (F.softplus switches to x above 20: an e^-20 error)
+    per_row = torch.logaddexp(-z * s, torch.zeros_like(s)).sum(1)
+    if reduction == "mean":
+        return per_row.sum() / n
+    return _reduce(per_row, reduction)

@@ -62,6 +62,12 @@ def fused_backend_plain(request, monkeypatch):
     return _backend_fixture(request, monkeypatch)
 
 
+@pytest.fixture(params=["chunked", "chunked-tiny", "cpu", "triton"])
+def lowp_backend(request, monkeypatch):
+    """Every fused backend that runs here in 32- and 16-bit: triton under its interpreter."""
+    return _backend_fixture(request, monkeypatch)
+
+
 # Per-test time limit for the GPU kit (benchmarks/run_gpu.sh): CK_TEST_TIMEOUT=seconds fails a test
 # that runs longer (SIGALRM, so the run goes on and the JUnit XML keeps the verdict); a test stuck
 # inside C code that never returns to Python is killed with a traceback after twice the limit

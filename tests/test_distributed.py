@@ -332,8 +332,38 @@ def _check_gamma(rank, w):
             _close(_all_reduce_sum(s.grad), w * S.grad, f"{st}: Σ_r grad logit_scale", rtol=1e-8)
 
 
+def _check_siglip_parity(rank, w, oc):
+    """SigLipLoss per rank vs open_clip's, every dist_impl: loss, image, text, scale, bias grads."""
+    n, d = 5, 7
+    img_all, txt_all = _features(11, [n] * w, d)
+    img, txt = _rows(img_all, [n] * w, rank), _rows(txt_all, [n] * w, rank)
+    for scale, bias in ((10.0, -10.0), (100.0, -12.5)):
+        s = torch.tensor(scale, dtype=torch.float64)
+        b = torch.tensor(bias, dtype=torch.float64)
+        for impl in ("bidir", "shift", "reduce", "gather"):
+            tag = f"SigLIP W={w} rank={rank} {impl} s={scale}"
+            kw = dict(rank=rank, world_size=w, dist_impl=impl)
+            ours = _run(ck.SigLipLoss(**kw, backend="chunked"), img, txt, s, b)
+            theirs = _run(oc.SigLipLoss(**kw), img, txt, s, b)
+            for name, a, t in zip(("loss", "grad image", "grad text", "grad logit_scale",
+                                   "grad logit_bias"), ours, theirs):
+                _close(a, t, f"{tag} vs open_clip: {name}")
+    # the ring forms hold O(N·D): no tensor larger than one block, while gather holds W·N·D
+    n, d = 16, 8
+    img_all, txt_all = _features(12, [n] * w, d)
+    img, txt = _leaf(_rows(img_all, [n] * w, rank)), _leaf(_rows(txt_all, [n] * w, rank))
+    s, b = _leaf(torch.tensor(10.0, dtype=torch.float64)), _leaf(torch.tensor(-10.0, dtype=torch.float64))
+    with _MaxNumel() as ring_probe:
+        ck.SigLipLoss(rank=rank, world_size=w, dist_impl="shift", backend="chunked")(img, txt, s, b).backward()
+    with _MaxNumel() as gather_probe:
+        ck.SigLipLoss(rank=rank, world_size=w, dist_impl="gather", backend="chunked")(img, txt, s, b).backward()
+    assert ring_probe.max_numel <= n * max(n, d), f"SigLIP ring made a tensor of {ring_probe.max_numel}"
+    assert gather_probe.max_numel >= w * n * d, "the probe should see the gathered texts"
+
+
 CHECKS = {
     "open_clip": _check_open_clip_parity,
+    "siglip": _check_siglip_parity,
     "ring": lambda r, w, oc: (_check_ring_equals_gather(r, w), _check_ring_uneven(r, w),
                               _check_ring_float32(r, w), _check_ring_memory(r, w)),
     "errors_ddp_gamma": lambda r, w, oc: (_check_errors(r, w), _check_ddp_semantics(r, w),
@@ -379,7 +409,7 @@ needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_open_clip_parity(world_size):
     open_clip_loss_module()  # skip locally / fail in CI when open_clip is missing
-    _spawn(world_size, ["open_clip"])
+    _spawn(world_size, ["open_clip", "siglip"])
 
 
 @needs_gloo

@@ -256,3 +256,124 @@ def test_logit_scale_on_meta_device():
     q, k = _qk()
     with pytest.raises(ValueError, match=r"logit_scale.*meta"):
         ck.info_nce(q, k, torch.tensor(2.0, device="meta"))
+
+
+# ---------------------------------------------------------------------------------------------
+# second wave: nt_xent_loss, supcon_loss, siglip_loss
+# ---------------------------------------------------------------------------------------------
+
+def test_nt_xent_bad_views():
+    a = torch.randn(N, D)
+    with pytest.raises(ValueError, match=r"same shape: view_a " + _shape(N, D) + r" vs view_b "
+                       + _shape(N + 1, D)):
+        ck.nt_xent_loss(a, torch.randn(N + 1, D), 1.0)
+    with pytest.raises(ValueError, match=r"same shape.*" + _shape(N, D + 1)):
+        ck.nt_xent_loss(a, torch.randn(N, D + 1), 1.0)
+    with pytest.raises(TypeError, match=r"dtypes differ.*float32.*float64"):
+        ck.nt_xent_loss(a, a.double(), 1.0)
+    with pytest.raises(ValueError, match=r"devices differ.*cpu.*meta"):
+        ck.nt_xent_loss(a, a.to("meta"), 1.0)
+    with pytest.raises(ValueError, match=r"empty batch"):
+        ck.nt_xent_loss(a[:0], a[:0], 1.0)
+    with pytest.raises(ValueError, match=r"finite and > 0, got -1"):
+        ck.nt_xent_loss(a, a, -1.0)
+    with pytest.raises(ValueError, match=r"reduction must be one of"):
+        ck.NTXentLoss(reduction="avg")(a, a, 1.0)
+
+
+def test_supcon_bad_labels_and_reference_set():
+    f = torch.randn(N, D)
+    lab = torch.zeros(N, dtype=torch.int64)
+    with pytest.raises(ValueError, match=re.escape(f"labels must have shape ({N},), got {(N - 1,)}")):
+        ck.supcon_loss(f, lab[:-1], 1.0)
+    with pytest.raises(TypeError, match=r"labels must be int64, got torch.float32"):
+        ck.supcon_loss(f, lab.float(), 1.0)
+    with pytest.raises(ValueError, match=r"labels are on meta.*cpu"):
+        ck.supcon_loss(f, lab.to("meta"), 1.0)
+    with pytest.raises(TypeError, match=r"labels must be a torch.Tensor.*list"):
+        ck.supcon_loss(f, [0] * N, 1.0)
+    with pytest.raises(ValueError, match=r"ref_features and ref_labels go together: ref_labels is missing"):
+        ck.supcon_loss(f, lab, 1.0, ref_features=torch.randn(M, D))
+    with pytest.raises(ValueError, match=r"ref_features and ref_labels go together: ref_features is missing"):
+        ck.supcon_loss(f, lab, 1.0, ref_labels=torch.zeros(M, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"feature dimensions differ.*" + _shape(N, D) + r".*" + _shape(M, D + 1)):
+        ck.supcon_loss(f, lab, 1.0, ref_features=torch.randn(M, D + 1),
+                       ref_labels=torch.zeros(M, dtype=torch.int64))
+    with pytest.raises(ValueError, match=re.escape(f"ref_labels must have shape ({M},)")):
+        ck.supcon_loss(f, lab, 1.0, ref_features=torch.randn(M, D),
+                       ref_labels=torch.zeros(M + 1, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"empty batch"):
+        ck.supcon_loss(f[:0], lab[:0], 1.0)
+    with pytest.raises(ValueError, match=r"must be 2-D"):
+        ck.SupConLoss()(f[0], lab, 1.0)
+
+
+@pytest.mark.parametrize("bias,err,msg", [
+    (float("nan"), ValueError, r"logit_bias must be finite, got nan"),
+    (float("inf"), ValueError, r"logit_bias must be finite, got inf"),
+    (torch.tensor(float("-inf")), ValueError, r"logit_bias must be finite, got -inf"),
+    (torch.tensor([1.0, 2.0]), ValueError, r"logit_bias must hold one value, got shape \(2,\)"),
+    (torch.tensor(1), TypeError, r"logit_bias must be a floating-point tensor"),
+    ("0", TypeError, r"logit_bias must be a float or a tensor, got str"),
+], ids=["nan", "inf", "tensor-inf", "two", "int", "str"])
+def test_siglip_bad_bias(bias, err, msg):
+    q, k = _qk()
+    with pytest.raises(err, match=msg):
+        ck.siglip_loss(q, k[:N], 10.0, bias)
+    with pytest.raises(err, match=msg):
+        ck.SigLipLoss()(q, k[:N], 10.0, bias)
+
+
+def test_siglip_bad_features_scale_and_labels():
+    q, k = _qk()
+    with pytest.raises(ValueError, match=r"batch sizes must match.*" + _shape(N, D) + r".*" + _shape(M, D)):
+        ck.siglip_loss(q, k, 10.0, -10.0)
+    with pytest.raises(TypeError, match=r"dtypes differ"):
+        ck.siglip_loss(q, k[:N].double(), 10.0)
+    with pytest.raises(ValueError, match=r"finite and > 0, got 0"):
+        ck.siglip_loss(q, k[:N], 0.0, -10.0)
+    with pytest.raises(ValueError, match=r"finite and > 0, got nan"):
+        ck.SigLipLoss()(q, k[:N], torch.tensor(float("nan")), -10.0)
+    with pytest.raises(ValueError, match=re.escape(f"labels must have shape ({N},)")):
+        ck.siglip_loss(q, k[:N], 10.0, labels=torch.zeros(N + 1, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"dist_impl must be 'bidir', 'shift', 'reduce' or 'gather'"):
+        ck.SigLipLoss(dist_impl="ring")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ck.SigLipLoss(rank=0, world_size=2)(q, k[:N], 10.0, -10.0)
+
+
+def test_lse_stats_bad_classes():
+    q, k = _qk()
+    with pytest.raises(ValueError, match=r"query_classes and key_classes go together"):
+        ck.lse_stats(q, k, 1.0, query_classes=torch.zeros(N, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"labels .* or classes .*not both"):
+        ck.lse_stats(q, k, 1.0, torch.zeros(N, dtype=torch.int64),
+                     query_classes=torch.zeros(N, dtype=torch.int64),
+                     key_classes=torch.zeros(M, dtype=torch.int64))
+    with pytest.raises(ValueError, match=re.escape(f"key_classes must have shape ({M},)")):
+        ck.lse_stats(q, k, 1.0, query_classes=torch.zeros(N, dtype=torch.int64),
+                     key_classes=torch.zeros(N, dtype=torch.int64))
+    with pytest.raises(TypeError, match=r"exclude_self must be a bool"):
+        ck.lse_stats(q, k, 1.0, exclude_self=1)
+
+
+def test_cuda_backend_lacks_the_second_wave_and_auto_never_picks_it(monkeypatch):
+    from contrastive_kernels import backends
+    monkeypatch.setattr(backends, "availability", lambda name: (name != "triton", "test"))
+    monkeypatch.setattr(backends, "device_ok", lambda name, device: (True, ""))
+    cuda = torch.device("cuda")
+    for feats in ("exclude_self", "classes", "sigmoid", "exclude_self,classes"):
+        with pytest.raises(NotImplementedError, match=r"backend 'cuda' does not implement .* yet"):
+            backends.resolve("cuda", cuda, torch.float32, feats)
+        assert backends.resolve("auto", cuda, torch.float32, feats) == "chunked"
+    assert backends.resolve("auto", cuda, torch.float32, "") == "cuda"
+    assert backends.resolve("cuda", cuda, torch.float32, "") == "cuda"
+
+
+def test_numpy_scale_is_accepted():
+    np = pytest.importorskip("numpy")
+    q, k = _qk(dtype=torch.float64)
+    base = ck.info_nce(q, k, 14.25, backend="chunked")
+    for s in (np.float32(14.25), np.float64(14.25), np.int64(14)):
+        expect = base if not isinstance(s, np.integer) else ck.info_nce(q, k, 14.0, backend="chunked")
+        torch.testing.assert_close(ck.info_nce(q, k, s, backend="chunked"), expect)

@@ -124,3 +124,78 @@ def test_geometric_consistency_large_batch_memory_and_time(control_16384):
     assert out["extra_bytes"] < 512 * MIB, out
     # CPU time (all threads) rather than wall time: shared CI boxes are often oversubscribed.
     assert out["result"]["cpu_seconds"] < 20, out
+
+
+_NATIVE_SETUP = """
+import torch
+from contrastive_kernels import _native
+assert _native.load()[0], _native.load()[1]
+ops = torch.ops.ck_native
+n, d = {n}, {d}
+torch.manual_seed(0)
+q = torch.randn(n, d)
+q /= q.norm(dim=1, keepdim=True)
+cls = torch.randint(0, 100, (n,))
+s, b = torch.tensor(10.0), torch.tensor(-10.0)
+g = torch.full((n,), 1.0 / n)
+
+def run(m):
+    r, c, p, cnt = ops.lse_fwd(q[:m], q[:m], s, None, cls[:m], cls[:m], True, True)
+    ops.lse_bwd(q[:m], q[:m], s, None, cls[:m], cls[:m], True, r, c, g[:m], g[:m], -g[:m])
+    ops.sigmoid_fwd(q[:m], q[:m], s, b, cls[:m], cls[:m], False)
+    return ops.sigmoid_bwd(q[:m], q[:m], s, b, None, None, True, g[:m])
+"""
+
+
+def test_native_kernels_of_every_family_are_not_quadratic(control_16384):
+    # exclusion + class positives and the sigmoid ops at N = M = 16384, D = 8: the gradients
+    # are 0.5 MiB; one N×M float32 matrix is 1 GiB (the control sees it)
+    require_backend("cpu")
+    out = _memprobe.peak_extra_bytes("dq = run(n)[0]; result = bool(torch.isfinite(dq).all())",
+                                     setup=_NATIVE_SETUP.format(n=N, d=8), warmup="run(8)")
+    assert out["result"], out
+    assert out["extra_bytes"] < 100 * MIB, out
+
+
+_LARGE_SETUP = """
+import torch
+import contrastive_kernels as ck
+n, d, loss = {n}, {d}, {loss!r}
+torch.manual_seed(0)
+x = torch.nn.functional.normalize(torch.randn(n, d), dim=1).requires_grad_()
+y = torch.nn.functional.normalize(torch.randn(n, d), dim=1).requires_grad_()
+labels = torch.randint(0, n // 4, (n,))
+s = torch.tensor(10.0, requires_grad=True)
+b = torch.tensor(-10.0, requires_grad=True)
+
+def run(k):
+    if loss == "supcon":
+        out = ck.supcon_loss(x[:k], labels[:k], s)
+    elif loss == "siglip":
+        out = ck.siglip_loss(x[:k], y[:k], s, b)
+    else:
+        out = ck.clip_loss(x[:k], y[:k], s)
+    out.backward()
+    return float(out)
+"""
+
+
+@pytest.fixture(scope="module")
+def control_65536_by_16384():
+    """The probe sees one float32 65536×16384 block (4 GiB): a quarter of an N×N matrix at 65536."""
+    out = _memprobe.dense_control(65536, 16384)
+    assert out["extra_bytes"] >= 65536 * 16384 * 4, out
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss,d", [("supcon", 64), ("siglip", 128), ("clip", 128)])
+def test_65536_fused_in_under_1_5_gib(loss, d, control_65536_by_16384):
+    # the acceptance points: N = M = 65536 forward+backward in < 1.5 GiB beyond the inputs (one
+    # dense 65536×65536 float32 matrix is 16 GiB); minutes on 2 cores, so opt-in (-m slow)
+    require_backend("cpu")
+    out = _memprobe.peak_extra_bytes("result = {'loss': run(65536)}",
+                                     setup=_LARGE_SETUP.format(n=65536, d=d, loss=loss),
+                                     warmup="run(64)", timeout=3600)
+    assert out["extra_bytes"] < 1.5 * 1024 * MIB, out
+    print(f"{loss} N=M=65536 D={d}: {out['extra_bytes'] / MIB:.0f} MiB extra, {out['seconds']:.0f} s")

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import itertools
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
-from helpers import REL_ATOL, assert_close_f64, assert_relative_rule
+from helpers import IN_CI, assert_close_f64, assert_relative_rule
 
 _native = pytest.importorskip("contrastive_kernels._native")
 _ok, _why = _native.load()
 if not _ok:
+    if IN_CI:  # CI builds the extension: its absence is a failure there
+        pytest.fail(_why, pytrace=False)
     pytest.skip(_why, allow_module_level=True)
 
 ops = torch.ops.ck_native
@@ -511,45 +508,3 @@ def test_bad_isa_env(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # memory
 # ---------------------------------------------------------------------------------------------
-
-_RSS_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, torch
-    from contrastive_kernels import _native
-    assert _native.load()[0]
-    ops = torch.ops.ck_native
-    n, d = int(sys.argv[1]), int(sys.argv[2])
-    torch.manual_seed(0)
-    q = torch.randn(n, d)
-    q /= q.norm(dim=1, keepdim=True)  # in place: no freed temporaries to hide later allocations
-    cls = torch.randint(0, 100, (n,))
-    s, b = torch.tensor(10.0), torch.tensor(-10.0)
-    g = torch.full((n,), 1.0 / n)
-
-    def run(m):
-        r, c, p, cnt = ops.lse_fwd(q[:m], q[:m], s, None, cls[:m], cls[:m], True, True)
-        ops.lse_bwd(q[:m], q[:m], s, None, cls[:m], cls[:m], True, r, c, g[:m], g[:m], -g[:m])
-        ops.sigmoid_fwd(q[:m], q[:m], s, b, cls[:m], cls[:m], False)
-        return ops.sigmoid_bwd(q[:m], q[:m], s, b, None, None, True, g[:m])
-
-    run(8)  # load everything lazily loaded
-    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    base = rss()
-    dq = run(n)[0]
-    peak = rss()
-    control = torch.ones(n, n)  # the probe must see one dense N x N matrix
-    print(json.dumps({"extra_mib": peak - base, "control_mib": rss() - peak,
-                      "finite": bool(torch.isfinite(dq).all())}))
-""")
-
-
-def test_memory_is_not_quadratic():
-    """N = M = 12288, exclusion + classes and sigmoid: one float32 N×M matrix is 576 MiB (the
-    control allocates it and must show up); the fused kernels need O((N+M)·D)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, "12288", "8"], capture_output=True,
-                         text=True, env=env, timeout=600, check=True)
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res["finite"], res
-    assert res["control_mib"] > 500, res
-    assert res["extra_mib"] < 100, res

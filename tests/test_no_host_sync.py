@@ -81,6 +81,18 @@ def test_lse_stats(device):
     _step((row + pos).sum() + col.sum(), q, k, scale)
 
 
+def test_second_wave_losses(device):
+    img, txt, scale = _features(device)
+    labels = torch.randint(0, 8, (N,), device=device)
+    bias = torch.tensor(-10.0, device=device, requires_grad=device == "meta")
+    _step(ck.siglip_loss(img, txt, scale, bias), img, txt, scale)
+    _step(ck.SigLipLoss()(img, txt, scale, bias, output_dict=True)["contrastive_loss"], img, txt)
+    _step(ck.siglip_loss(img, txt, 10.0, labels=labels), img, txt)
+    _step(ck.nt_xent_loss(img, txt, scale), img, txt, scale)
+    _step(ck.supcon_loss(img, labels, scale), img, scale)
+    _step(ck.supcon_loss(img, labels, scale, ref_features=txt, ref_labels=labels), img, txt)
+
+
 def test_gamma_module_on_meta():
     # meta only: the E-step's indexing ops need a CUDA device guard that a CPU-only torch cannot
     # give fake CUDA tensors; on meta every host read raises just the same.

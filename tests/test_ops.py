@@ -30,7 +30,7 @@ def _inputs(dtype, with_labels, requires_grad, n=7, m=13, d=5):
 def test_opcheck_lse_fwd(fused_backend_plain, dtype, with_labels, compute_col):
     q, k, scale, labels = _inputs(dtype, with_labels, requires_grad=True)
     torch.library.opcheck(torch.ops.contrastive_kernels.lse_fwd.default,
-                          (q, k, scale, labels, compute_col, fused_backend_plain),
+                          (q, k, scale, labels, None, None, False, compute_col, fused_backend_plain),
                           test_utils=OPCHECK_UTILS)
 
 
@@ -39,16 +39,16 @@ def test_opcheck_lse_fwd(fused_backend_plain, dtype, with_labels, compute_col):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
 def test_opcheck_lse_bwd(fused_backend_plain, dtype, with_labels, compute_col):
     q, k, scale, labels = _inputs(dtype, with_labels, requires_grad=False)
-    row, col, _ = torch.ops.contrastive_kernels.lse_fwd(q, k, scale, labels, compute_col,
-                                                       fused_backend_plain)
+    row, col, _, _ = torch.ops.contrastive_kernels.lse_fwd(q, k, scale, labels, None, None, False,
+                                                          compute_col, fused_backend_plain)
     st = stat_dtype(dtype)
     g = torch.Generator().manual_seed(1)
     grad_row = torch.randn(q.shape[0], generator=g, dtype=st)
     grad_col = torch.randn(k.shape[0], generator=g, dtype=st) if compute_col else None
     grad_pos = torch.randn(q.shape[0], generator=g, dtype=st)
     torch.library.opcheck(torch.ops.contrastive_kernels.lse_bwd.default,
-                          (q, k, scale, labels, row, col, grad_row, grad_col, grad_pos,
-                           fused_backend_plain),
+                          (q, k, scale, labels, None, None, False, row, col, grad_row, grad_col,
+                           grad_pos, fused_backend_plain),
                           test_utils=OPCHECK_UTILS)
 
 
@@ -56,12 +56,13 @@ def test_lse_fwd_shapes_and_dtypes(fused_backend_plain):
     for dtype, compute_col in itertools.product([torch.float64, torch.float32, torch.bfloat16],
                                                 [True, False]):
         q, k, scale, _ = _inputs(dtype, False, requires_grad=False)
-        row, col, pos = torch.ops.contrastive_kernels.lse_fwd(q, k, scale, None, compute_col,
-                                                             fused_backend_plain)
+        row, col, pos, count = torch.ops.contrastive_kernels.lse_fwd(
+            q, k, scale, None, None, None, False, compute_col, fused_backend_plain)
         st = stat_dtype(dtype)
         assert row.shape == (q.shape[0],) and pos.shape == (q.shape[0],)
         assert col.shape == ((k.shape[0],) if compute_col else (0,))
-        assert row.dtype == col.dtype == pos.dtype == st
+        assert row.dtype == col.dtype == pos.dtype == count.dtype == st
+        assert count.shape == (0,)
 
 
 @pytest.mark.parametrize("with_labels", [False, True], ids=["nolabels", "labels"])
@@ -69,7 +70,7 @@ def test_lse_bwd_any_subset_of_upstream_grads(fused_backend, with_labels):
     """Every combination of None upstream gradients matches the dense reference backend."""
     q, k, scale, labels = _inputs(torch.float64, with_labels, False, n=37, m=130, d=7)
     ref_fwd, ref_bwd = backends.implementation("reference")
-    row, col, _ = ref_fwd(q, k, scale, labels, True)
+    row, col, _, _ = ref_fwd(q, k, scale, labels, None, None, False, True)
     g = torch.Generator().manual_seed(2)
     full = (torch.randn(q.shape[0], generator=g, dtype=torch.float64),
             torch.randn(k.shape[0], generator=g, dtype=torch.float64),
@@ -78,8 +79,50 @@ def test_lse_bwd_any_subset_of_upstream_grads(fused_backend, with_labels):
         if not any(mask):
             continue
         grads = [t if keep else None for t, keep in zip(full, mask)]
-        gq, gk = torch.ops.contrastive_kernels.lse_bwd(q, k, scale, labels, row, col, *grads,
-                                                       fused_backend)
-        rq, rk = ref_bwd(q, k, scale, labels, row, col, *grads)
+        gq, gk = torch.ops.contrastive_kernels.lse_bwd(q, k, scale, labels, None, None, False, row,
+                                                       col, *grads, fused_backend)
+        rq, rk = ref_bwd(q, k, scale, labels, None, None, False, row, col, *grads)
         assert_close_f64(gq, rq, f"grad_query {mask}")
         assert_close_f64(gk, rk, f"grad_keys {mask}")
+
+
+def _classes(n, m, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 3, (n,), generator=g), torch.randint(0, 3, (m,), generator=g)
+
+
+@pytest.mark.parametrize("variant", ["exclude", "classes", "exclude+classes"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+def test_opcheck_lse_exclusion_and_classes(fused_backend_plain, dtype, variant):
+    q, k, scale, _ = _inputs(dtype, False, requires_grad=True, n=9, m=9)
+    rc, cc = _classes(9, 9) if "classes" in variant else (None, None)
+    exclude = "exclude" in variant
+    torch.library.opcheck(torch.ops.contrastive_kernels.lse_fwd.default,
+                          (q, k, scale, None, rc, cc, exclude, True, fused_backend_plain),
+                          test_utils=OPCHECK_UTILS)
+    row, col, _, _ = torch.ops.contrastive_kernels.lse_fwd(q.detach(), k.detach(), scale.detach(),
+                                                          None, rc, cc, exclude, True,
+                                                          fused_backend_plain)
+    g = torch.Generator().manual_seed(4)
+    grads = [torch.randn(n, generator=g, dtype=stat_dtype(dtype)) for n in (9, 9, 9)]
+    torch.library.opcheck(torch.ops.contrastive_kernels.lse_bwd.default,
+                          (q.detach(), k.detach(), scale.detach(), None, rc, cc, exclude, row, col,
+                           *grads, fused_backend_plain),
+                          test_utils=OPCHECK_UTILS)
+
+
+@pytest.mark.parametrize("positives", ["diagonal", "none", "classes"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+def test_opcheck_sigmoid(fused_backend_plain, dtype, positives):
+    q, k, scale, _ = _inputs(dtype, False, requires_grad=True, n=7, m=11)
+    bias = torch.tensor(-2.0, dtype=stat_dtype(dtype), requires_grad=True)
+    rc, cc = _classes(7, 11) if positives == "classes" else (None, None)
+    diagonal = positives == "diagonal"
+    torch.library.opcheck(torch.ops.contrastive_kernels.sigmoid_fwd.default,
+                          (q, k, scale, bias, rc, cc, diagonal, fused_backend_plain),
+                          test_utils=OPCHECK_UTILS)
+    grad_row = torch.randn(7, dtype=stat_dtype(dtype))
+    torch.library.opcheck(torch.ops.contrastive_kernels.sigmoid_bwd.default,
+                          (q.detach(), k.detach(), scale.detach(), bias.detach(), rc, cc, diagonal,
+                           grad_row, fused_backend_plain),
+                          test_utils=OPCHECK_UTILS)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Compile every Triton launch of the host code for a GPU target, offline (no GPU needed).
+"""Compile Triton launches of the host code for a GPU target, offline (no GPU needed): the full
+case matrix, or with --quick a subset of one case per kernel mode (what CI runs).
 
 The Triton kernels are tested numerically under the interpreter on CPU machines, but the
 interpreter never runs the GPU compiler: a kernel can pass every interpreter test and still fail to
@@ -9,10 +10,11 @@ without a GPU:
 
 1. It makes Triton believe the current device is a GPU of the requested architecture (a stand-in
    driver that only answers "which device / stream / target").
-2. It runs the real host functions ``lse_fwd_triton`` / ``lse_bwd_triton`` on CPU tensors for a
-   matrix of cases (dtypes, D resident vs chunked, labels, column modes, backward modes, round and
-   awkward sizes), with the host planning as on an H100 (132 SMs, so column splits and atomic dQ
-   appear as they would there).
+2. It runs the real host functions of ``contrastive_kernels/backends/triton`` (``forward.lse_fwd``,
+   ``backward.lse_bwd``, ``sigmoid.sigmoid_fwd`` / ``sigmoid_bwd``) on CPU tensors for a matrix of
+   cases (dtypes, D resident vs chunked, labels, exclusion and class positives, column modes,
+   backward modes, round and awkward sizes), with the host planning as on an H100 (132 SMs, so
+   column splits and atomic dQ appear as they would there).
 3. Every kernel launch is replaced by ``warmup``: Triton specialises on the real arguments exactly as
    in a launch and compiles every autotune config down to a cubin (bundled ptxas), launching
    nothing. The host's follow-up torch work (merges, the cuBLAS part of the gemm backward) runs on
@@ -70,6 +72,9 @@ class Case:
     grads: str = "row,col,pos"       # which upstream gradients are non-None
     tuning: dict = field(default_factory=dict)
     fp32_precision: str = "high"     # torch.set_float32_matmul_precision (tf32 vs ieee dots)
+    family: str = "lse"              # lse | sigmoid
+    exclude_self: bool = False       # lse: the self pair left out (NT-Xent, SupCon)
+    classes: bool = False            # class positives (SupCon) / equal-label positives (SigLIP)
 
 
 def cases(quick: bool) -> list[Case]:
@@ -90,6 +95,21 @@ def cases(quick: bool) -> list[Case]:
         out.append(Case(f"rows-only-{dt}", 4096, 4096, 256, dt, compute_col=False, grads="row,pos",
                         labels=True))
     out.append(Case("clip-float32-ieee", 4096, 4096, 256, "float32", fp32_precision="highest"))
+    # the second-wave families: self-excluded class positives (SupCon), NT-Xent's exclusion with
+    # labels, the sigmoid family (diagonal and classes), at the resident and the chunked D
+    for d in (128, 512):
+        out.append(Case(f"supcon-bfloat16-d{d}", 4096, 4096, d, "bfloat16", exclude_self=True,
+                        classes=True, compute_col=False, grads="row,pos"))
+        out.append(Case(f"siglip-bfloat16-d{d}", 4096, 4096, d, "bfloat16", family="sigmoid",
+                        grads="row"))
+    if not quick:
+        for dt in ("float32", "float16"):
+            out.append(Case(f"ntxent-{dt}", 4096, 4096, 128, dt, exclude_self=True, labels=True,
+                            compute_col=False, grads="row,pos"))
+            out.append(Case(f"siglip-classes-{dt}", 4096, 4096, 256, dt, family="sigmoid",
+                            classes=True, grads="row"))
+            out.append(Case(f"siglip-two-pass-{dt}", 4096, 4096, 128, dt, family="sigmoid",
+                            grads="row", tuning={"deterministic": True}))
     if quick:
         out.append(Case("atomic-cols-bfloat16", 4096, 4096, 512, "bfloat16",
                         tuning={"col_reduce": "atomic"}))
@@ -209,7 +229,7 @@ def main(argv=None) -> int:
         return 1 if args.strict else 0
     from triton.runtime.driver import driver
 
-    from contrastive_kernels.backends.triton import backward, forward, tuning
+    from contrastive_kernels.backends.triton import backward, forward, sigmoid, tuning
 
     cuobjdump = _find_cuobjdump()
     limit = SMEM_LIMIT.get(args.arch, 99 * 1024)
@@ -234,7 +254,8 @@ def main(argv=None) -> int:
             c.regs, c.stack = _resource_usage(k.asm["cubin"], cuobjdump)
         seen[key] = c
 
-    kernels = [(forward, "_lse_fwd_kernel"), (forward, "_lse_merge_kernel"), (backward, "_lse_bwd_kernel")]
+    kernels = [(forward, "_lse_fwd_kernel"), (forward, "_lse_merge_kernel"), (backward, "_bwd_kernel"),
+               (sigmoid, "_sigmoid_fwd_kernel")]
     originals = {(mod, n): getattr(mod, n) for mod, n in kernels}
     for (mod, n), k in originals.items():
         setattr(mod, n, _CompileInsteadOfLaunch(n.strip("_"), k, record))
@@ -256,13 +277,21 @@ def main(argv=None) -> int:
                 s = torch.tensor(10.0)
                 lab = torch.randint(0, case.m, (case.n,)) if case.labels else None
                 with tuning.tuning(**case.tuning):
-                    forward.lse_fwd(q, k, s, lab, case.compute_col)
+                    rc = torch.randint(0, 4, (case.n,)) if case.classes else None
+                    cc = torch.randint(0, 4, (case.m,)) if case.classes else None
                     g = case.grads.split(",")
-                    backward.lse_bwd(
-                        q, k, s, lab, torch.zeros(case.n), torch.zeros(case.m if case.compute_col else 0),
-                        torch.ones(case.n) if "row" in g else None,
-                        torch.ones(case.m) if "col" in g and case.compute_col else None,
-                        torch.ones(case.n) if "pos" in g else None)
+                    if case.family == "sigmoid":
+                        b = torch.tensor(-10.0)
+                        sigmoid.sigmoid_fwd(q, k, s, b, rc, cc, not case.classes)
+                        sigmoid.sigmoid_bwd(q, k, s, b, rc, cc, not case.classes, torch.ones(case.n))
+                    else:
+                        forward.lse_fwd(q, k, s, lab, rc, cc, case.exclude_self, case.compute_col)
+                        backward.lse_bwd(
+                            q, k, s, lab, rc, cc, case.exclude_self, torch.zeros(case.n),
+                            torch.zeros(case.m if case.compute_col else 0),
+                            torch.ones(case.n) if "row" in g else None,
+                            torch.ones(case.m) if "col" in g and case.compute_col else None,
+                            torch.ones(case.n) if "pos" in g else None)
                 print(f"  case {case.name:<28} ok   {time.time() - tc:6.1f} s")
             except Exception as e:
                 msg = f"{case.name}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"

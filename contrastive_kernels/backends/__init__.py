@@ -3,9 +3,13 @@
 A backend is a module with the op callables (exactly the registered ops' arguments minus
 ``backend``; docs/internals.md)::
 
-    lse_fwd(query, keys, scale, labels, compute_col) -> (row_lse, col_lse, pos)
-    lse_bwd(query, keys, scale, labels, row_lse, col_lse, grad_row, grad_col, grad_pos)
-        -> (grad_query, grad_keys)
+    lse_fwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, compute_col)
+        -> (row_lse, col_lse, pos, pos_count)
+    lse_bwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, row_lse, col_lse,
+            grad_row, grad_col, grad_pos) -> (grad_query, grad_keys)
+    sigmoid_fwd(query, keys, scale, bias, row_classes, col_classes, diagonal) -> row_loss
+    sigmoid_bwd(query, keys, scale, bias, row_classes, col_classes, diagonal, grad_row)
+        -> (grad_query, grad_keys, grad_bias_row)
 
 =============  =========================  ==================================================
 name           module                     what
@@ -33,6 +37,11 @@ import torch
 
 BACKENDS = ("reference", "chunked", "cpu", "triton", "cuda")
 BACKEND_CHOICES = ("auto",) + BACKENDS
+
+# What a call may need beyond the plain log-sum-exp op, and which backends lack it. ``auto`` never
+# picks a backend for a call it cannot serve; asking for one explicitly raises NotImplementedError.
+FEATURES = ("exclude_self", "classes", "sigmoid")
+MISSING = {"cuda": frozenset(FEATURES)}  # the CUDA C++ kernels: plain log-sum-exp only (so far)
 
 _MODULES = {
     "reference": ".reference",
@@ -110,16 +119,19 @@ def _assume_constant_result(fn):
 # Resolution is pure host-side bookkeeping (imports, env vars): under torch.compile it runs once at
 # trace time and its answer is a constant of the graph, so fullgraph=True sees no graph break.
 @_assume_constant_result
-def resolve(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The concrete backend for ``name`` (which may be ``"auto"``) on tensors of this device/dtype.
+def resolve(name: str, device: torch.device, dtype: torch.dtype, features: str = "") -> str:
+    """The concrete backend for ``name`` (which may be ``"auto"``) on tensors of this device/dtype,
+    for a call needing ``features`` (comma-separated names of ``FEATURES``; "" for the plain op).
 
     ``auto`` rule: CPU → ``cpu`` when the native extension is built, else ``chunked``. CUDA →
-    ``triton`` when usable, else ``cuda`` when built, else ``chunked``; float64 on CUDA → ``chunked``
-    (the GPU kernels are for 32- and 16-bit inputs). An explicit name that cannot run raises
-    ``RuntimeError`` saying what is missing; there is no silent fallback.
+    ``triton`` when usable, else ``cuda`` when built (and the call needs nothing it lacks), else
+    ``chunked``; float64 on CUDA → ``chunked`` (the GPU kernels are for 32- and 16-bit inputs). An
+    explicit name that cannot run raises ``RuntimeError`` saying what is missing (``NotImplementedError``
+    for a feature the backend does not have yet); there is no silent fallback.
     """
     if name not in BACKEND_CHOICES:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {name!r}")
+    needed = frozenset(f for f in features.split(",") if f)
     if name == "auto":
         if device.type == "cpu":
             candidates = ("cpu", "chunked")
@@ -128,6 +140,8 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> str:
         else:
             candidates = ("chunked",)
         for cand in candidates:
+            if needed & MISSING.get(cand, frozenset()):
+                continue
             if availability(cand)[0] and device_ok(cand, device)[0]:
                 return cand
         return "chunked"
@@ -136,7 +150,17 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> str:
         ok, why = device_ok(name, device)
     if not ok:
         raise RuntimeError(f"backend {name!r} is not usable: {why}")
+    lacking = sorted(needed & MISSING.get(name, frozenset()))
+    if lacking:
+        raise NotImplementedError(
+            f"backend {name!r} does not implement {', '.join(lacking)} yet; use backend='triton', "
+            "'chunked' or 'auto' (which never picks it for this call)")
     if dtype == torch.float64 and name in ("triton", "cuda"):
         raise TypeError(f"backend {name!r} supports float32, float16 and bfloat16 inputs, not float64; "
                         "use backend='cpu', 'chunked' or 'reference' for float64")
     return name
+
+
+def features_of(*, exclude_self: bool = False, classes: bool = False, sigmoid: bool = False) -> str:
+    """The ``features`` string of a call (a constant under torch.compile)."""
+    return ",".join(f for f, on in zip(FEATURES, (exclude_self, classes, sigmoid)) if on)

@@ -3,7 +3,8 @@
 Each block of rows of S is materialised (``CHUNK_ELEMENTS`` elements at most), reduced and dropped,
 so memory is O((N + M)·D + chunk) rather than O(N·M); the backward recomputes every block. It is the
 fallback of ``auto`` wherever no compiled backend runs, and the yardstick of the fused kernels'
-speed-up.
+speed-up. The per-block formulas are the reference backend's (``reference.block_*``), so the two
+can only differ by the blocking.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import os
 import torch
 
 from .._types import stat_dtype
-from .reference import logit_grad_, positive_columns
+from .reference import block_grad, block_stats, sigmoid_block
 
 # Elements of one chunk of S (float32: 64 MiB). Large enough that each block matmul runs near the
 # BLAS rate, small enough to be O((N + M)·chunk), not O(N·M). Read at import (CK_CHUNK_ELEMENTS);
@@ -25,38 +26,71 @@ def row_block(n: int, m: int) -> int:
     return max(1, min(n, CHUNK_ELEMENTS // max(m, 1)))
 
 
-def lse_fwd(query, keys, scale, labels, compute_col):
+def _blocks(query, keys, scale):
+    """(rows, S block) over blocks of rows; keys converted once (16-bit inputs multiply with float32
+    accumulation), the logits rounded once in the statistic dtype."""
     st = stat_dtype(query.dtype)
     n, m = query.shape[0], keys.shape[0]
     sc = scale.to(st)
-    k = keys.to(st)  # one O(M·D) copy, so 16-bit inputs multiply with float32 accumulation
-    row = torch.empty(n, dtype=st, device=query.device)
-    col = torch.full((m,), float("-inf"), dtype=st, device=query.device) if compute_col else None
+    k = keys.to(st)  # one O(M·D) copy
     block = row_block(n, m)
     for start in range(0, n, block):
-        s = sc * (query[start:start + block].to(st) @ k.T)
-        row[start:start + block] = torch.logsumexp(s, dim=1)
+        rows = torch.arange(start, min(n, start + block), device=query.device)
+        yield rows, sc * (query[start:start + block].to(st) @ k.T), k, sc
+
+
+def lse_fwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, compute_col):
+    st = stat_dtype(query.dtype)
+    n, m = query.shape[0], keys.shape[0]
+    dev = query.device
+    row = torch.empty(n, dtype=st, device=dev)
+    pos = torch.empty(n, dtype=st, device=dev)
+    count = torch.empty(n if row_classes is not None else 0, dtype=st, device=dev)
+    col = torch.full((m,), float("-inf"), dtype=st, device=dev) if compute_col else None
+    for rows, s, _, _ in _blocks(query, keys, scale):
+        r, c, p, cnt = block_stats(s, rows, labels, row_classes, col_classes, exclude_self)
+        row[rows], pos[rows] = r, p
+        if cnt is not None:
+            count[rows] = cnt
         if col is not None:
             # Running column LSE: logaddexp keeps it in the log domain (no overflow at scale 100).
-            col = torch.logaddexp(col, torch.logsumexp(s, dim=0))
-    cols = positive_columns(n, labels, query.device)
-    pos = sc * (query.to(st) * k[cols]).sum(dim=1)
-    return row, (col if col is not None else row.new_empty(0)), pos
+            col = torch.logaddexp(col, c)
+    return row, (col if col is not None else row.new_empty(0)), pos, count
 
 
-def lse_bwd(query, keys, scale, labels, row_lse, col_lse, grad_row, grad_col, grad_pos):
+def lse_bwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, row_lse, col_lse,
+            grad_row, grad_col, grad_pos):
     st = stat_dtype(query.dtype)
     n, m = query.shape[0], keys.shape[0]
-    sc = scale.to(st)
-    k = keys.to(st)
-    cols = positive_columns(n, labels, query.device)
     grad_q = torch.empty(n, query.shape[1], dtype=st, device=query.device)
     grad_k = torch.zeros(m, keys.shape[1], dtype=st, device=query.device)
-    block = row_block(n, m)
-    for start in range(0, n, block):
-        q = query[start:start + block].to(st)
-        s = sc * (q @ k.T)
-        g = logit_grad_(s, row_lse, col_lse, grad_row, grad_col, grad_pos, cols, start)
-        grad_q[start:start + block] = sc * (g @ k)
-        grad_k.addmm_(g.T, q)
+    sc = None
+    for rows, s, k, sc in _blocks(query, keys, scale):
+        g = block_grad(s, rows, labels, row_classes, col_classes, exclude_self, row_lse, col_lse,
+                       grad_row, grad_col, grad_pos)
+        grad_q[rows] = sc * (g @ k)
+        grad_k.addmm_(g.T, query[rows].to(st))
     return grad_q, grad_k.mul_(sc)
+
+
+def sigmoid_fwd(query, keys, scale, bias, row_classes, col_classes, diagonal):
+    out = torch.empty(query.shape[0], dtype=stat_dtype(query.dtype), device=query.device)
+    for rows, s, _, _ in _blocks(query, keys, scale):
+        out[rows] = sigmoid_block(s, rows, bias, row_classes, col_classes, diagonal)[0]
+    return out
+
+
+def sigmoid_bwd(query, keys, scale, bias, row_classes, col_classes, diagonal, grad_row):
+    st = stat_dtype(query.dtype)
+    n, m = query.shape[0], keys.shape[0]
+    grad_q = torch.empty(n, query.shape[1], dtype=st, device=query.device)
+    grad_k = torch.zeros(m, keys.shape[1], dtype=st, device=query.device)
+    grad_b = torch.empty(n, dtype=st, device=query.device)
+    sc = None
+    for rows, s, k, sc in _blocks(query, keys, scale):
+        _, x, z = sigmoid_block(s, rows, bias, row_classes, col_classes, diagonal)
+        g = grad_row[rows, None] * (-z) * torch.sigmoid(x)
+        grad_q[rows] = sc * (g @ k)
+        grad_k.addmm_(g.T, query[rows].to(st))
+        grad_b[rows] = g.sum(dim=1)
+    return grad_q, grad_k.mul_(sc), grad_b

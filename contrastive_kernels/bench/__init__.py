@@ -35,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "are this library.",
         epilog="configurations:\n" + "\n".join(
             f"  {c.name:<13} {c.help}" + (f" [{c.minutes}]" if c.minutes else "")
-            for c in CONFIGS.values()) + "\n\nexample head-to-head: contrastive-kernels bench "
-                                        "--n 8192 --providers dense,open_clip,cpu --repeats 9")
+            for c in CONFIGS.values()) + "\n  gradcache     whole training steps, plain vs ck.GradCache "
+                                        "(bench gradcache --help) [~5 min]"
+               "\n\nexample head-to-head: contrastive-kernels bench "
+               "--n 8192 --providers dense,open_clip,cpu --repeats 9")
     p.add_argument("config", nargs="?", default="sweep",
                    help="a configuration (see below), 'plot CSV' (redraw) or 'summary FILE...' "
                         "(acceptance figures of CSVs, verdicts of JUnit XMLs); default: sweep")
@@ -229,6 +231,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "summary":
         return summarize_files(argv[1:])
+    if argv and argv[0] == "gradcache":
+        from .gradcache import main as gradcache_main
+        return gradcache_main(argv[1:])
     args = build_parser().parse_args(argv)
     from .configs import CONFIGS
 

@@ -26,9 +26,10 @@ the global logit matrix is ``S = s·I·Tᵀ`` with ``I = cat_r I_r``, ``T = cat_
 Every function here is SPMD: all ranks of the group must make the same calls in the same order
 (forward and backward), as with any collective.
 
-Files: ``_comm.py`` (process-group checks, the ring of neighbours, size exchange), ``gather.py``,
-``ring.py``, ``gamma.py`` (:class:`DistributedGammaContrastiveLoss`: the Gamma loss's state
-replicated on every rank).
+Files: ``_comm.py`` (process-group checks, the ring of neighbours and its visiting loops, size
+exchange), ``gather.py``, ``ring.py``, ``gamma.py`` (:class:`DistributedGammaContrastiveLoss`: the
+Gamma loss's state replicated on every rank), ``siglip.py`` (the sigmoid loss: open_clip's four
+``dist_impl``, the ring ones gather-free).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from ._comm import check_rank_world
 from .gamma import DistributedGammaContrastiveLoss
 from .gather import gather_features, gathered_clip_loss
 from .ring import RingClipLoss, ring_clip_loss, ring_lse_stats
+from .siglip import distributed_siglip_loss
 
 __all__ = [
     "check_rank_world",
@@ -45,4 +47,5 @@ __all__ = [
     "ring_clip_loss",
     "RingClipLoss",
     "DistributedGammaContrastiveLoss",
+    "distributed_siglip_loss",
 ]

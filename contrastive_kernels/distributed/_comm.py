@@ -89,3 +89,48 @@ def all_gather_varlen(t: Tensor, lengths: Sequence[int], group) -> Tensor:
     parts = [torch.empty_like(padded) for _ in lengths]
     dist.all_gather(parts, padded, group=group)
     return torch.cat([p[:n] for p, n in zip(parts, lengths)]).to(t.device)
+
+
+def ring_visit(ring: Ring, sizes: Sequence[tuple[int, int, int]], keys: Tensor, visit) -> None:
+    """Visit every rank's key block once around the ring.
+
+    At step k this rank holds the block of rank ``b = r − k`` and calls ``visit(b, block)`` while
+    the next block is already being received from ``prev`` (one block in flight: O(M_b·D) memory).
+    ``sizes``: (N, M, D) of every rank (:func:`exchange_sizes`).
+    """
+    cur = keys
+    d = keys.shape[1]
+    for k in range(ring.world):
+        b = (ring.rank - k) % ring.world
+        works, nxt = [], None
+        if k < ring.world - 1:
+            nxt = keys.new_empty((sizes[(b - 1) % ring.world][1], d))
+            works = ring.exchange([(cur, nxt, Ring.KEYS)])
+        visit(b, cur)
+        wait_all(works)
+        if nxt is not None:
+            cur = nxt
+
+
+def ring_visit_with_gradients(ring: Ring, sizes: Sequence[tuple[int, int, int]], keys: Tensor,
+                              visit, grad_dtype: torch.dtype) -> Tensor:
+    """:func:`ring_visit` for a backward: ``visit(b, block)`` returns this rank's gradient of block
+    b's keys (M_b, D), which is added to an accumulator travelling behind the block; after W hops
+    each accumulator is home. Returns the total gradient of this rank's own keys (sum over every
+    rank's contribution)."""
+    d = keys.shape[1]
+    acc_in, acc_works = None, []
+
+    def visit_and_pass(b, block):
+        nonlocal acc_in, acc_works
+        gk = visit(b, block).to(grad_dtype)
+        if acc_in is not None:
+            # accumulator of block b, holding the terms of the ranks that held it before
+            wait_all(acc_works)
+            gk = acc_in.add_(gk)
+        acc_in = keys.new_empty((sizes[(b - 1) % ring.world][1], d), dtype=grad_dtype)
+        acc_works = ring.exchange([(gk, acc_in, Ring.ACC)])
+
+    ring_visit(ring, sizes, keys, visit_and_pass)
+    wait_all(acc_works)
+    return acc_in

@@ -60,9 +60,9 @@ class _RingLSE(torch.autograd.Function):
             if k < w - 1:                        # prefetch the next block while computing this one
                 nxt = query.new_empty((sizes[(b - 1) % w][1], d))
                 key_works = ring.exchange([(cur, nxt, ring.KEYS)])
-            rb, cb, pb = ops.lse_fwd(query, cur, scale,
-                                     _block_labels(n, cur.shape[0], b == r, query.device),
-                                     compute_col, backend)
+            rb, cb, pb, _ = ops.lse_fwd(query, cur, scale,
+                                        _block_labels(n, cur.shape[0], b == r, query.device),
+                                        None, None, False, compute_col, backend)
             row = rb if row is None else torch.logaddexp(row, rb)
             if b == r:
                 pos = pb
@@ -126,17 +126,18 @@ class _RingLSE(torch.autograd.Function):
             grad_col_b = cur_stats[1] if compute_col else None
             grad_pos_b = grad_pos if b == r else None
             if exact:
-                gq, gk = ops.lse_bwd(query, cur_k, scale, labels, row_lse, col_lse_b,
-                                     grad_row, None, grad_pos_b, ctx.backend)
-                gq_col, gk_col = ops.lse_bwd(query, cur_k, scale, labels, row_lse, col_lse_b,
-                                             None, grad_col_b, None, ctx.backend)
+                gq, gk = ops.lse_bwd(query, cur_k, scale, labels, None, None, False, row_lse,
+                                     col_lse_b, grad_row, None, grad_pos_b, ctx.backend)
+                gq_col, gk_col = ops.lse_bwd(query, cur_k, scale, labels, None, None, False,
+                                             row_lse, col_lse_b, None, grad_col_b, None,
+                                             ctx.backend)
                 own_share += (gq * q_st).sum()
                 owner_share = (gq_col * q_st).sum()
                 gq += gq_col
                 gk = torch.cat([gk.add_(gk_col).reshape(-1), owner_share.reshape(1)])
             else:
-                gq, gk = ops.lse_bwd(query, cur_k, scale, labels, row_lse, col_lse_b,
-                                     grad_row, grad_col_b, grad_pos_b, ctx.backend)
+                gq, gk = ops.lse_bwd(query, cur_k, scale, labels, None, None, False, row_lse,
+                                     col_lse_b, grad_row, grad_col_b, grad_pos_b, ctx.backend)
             grad_q += gq
             if k > 0:
                 # Key-gradient accumulator of block b, holding the terms of ranks b..r−1.
@@ -199,7 +200,8 @@ def ring_lse_stats(query: Tensor, keys: Tensor, logit_scale, *, compute_col: boo
         raise ValueError(f"each rank's positive of query i is its key i, which needs M_r >= N_r; "
                          f"(N, M, D) per rank = {sizes}")
     if dist.get_world_size(group) == 1:
-        return ops.lse_fwd(query.contiguous(), keys.contiguous(), sc, None, compute_col, name)
+        return ops.lse_fwd(query.contiguous(), keys.contiguous(), sc, None, None, None, False,
+                           compute_col, name)[:3]
     return _RingLSE.apply(query.contiguous(), keys.contiguous(), sc, compute_col, name, group,
                           sizes, exact_scale_grad)
 

@@ -7,5 +7,6 @@ autograd site each, whatever the backend (docs/internals.md).
 from __future__ import annotations
 
 from .lse import lse_bwd, lse_fwd
+from .sigmoid import sigmoid_bwd, sigmoid_fwd
 
-__all__ = ["lse_fwd", "lse_bwd"]
+__all__ = ["lse_fwd", "lse_bwd", "sigmoid_fwd", "sigmoid_bwd"]

@@ -1,11 +1,13 @@
-"""The registered op family (docs/internals.md): one forward, one backward, one autograd site.
+"""The log-sum-exp op family (docs/internals.md, docs/math.md §2): one forward, one backward, one
+autograd site.
 
-``lse_fwd`` returns the per-row / per-column log-sum-exp of ``S = s·Q·Kᵀ`` and the positive logits;
-``lse_bwd`` recomputes each tile of ``S`` and returns the feature gradients for any upstream
-gradients of those three statistics. Every loss in the package is a few O(N) ops on these
-statistics, so every backend (reference, chunked, cpu, triton, cuda) serves every loss through this
-single ``torch.library.custom_op`` pair. The ops are opaque to ``torch.compile`` (no graph breaks)
-and testable with ``torch.library.opcheck``.
+``lse_fwd`` returns the per-row / per-column log-sum-exp of ``S = s·Q·Kᵀ`` (optionally without the
+self pair ``(i, i)``) and the positives — the logit of each row's labelled column, or the sum and
+count of the logits of its same-class columns; ``lse_bwd`` recomputes each tile of ``S`` and
+returns the feature gradients for any upstream gradients of those statistics. Every LSE-based loss
+in the package is a few O(N) ops on them, so every backend (reference, chunked, cpu, triton, cuda)
+serves every such loss through this single ``torch.library.custom_op`` pair. The ops are opaque to
+``torch.compile`` (no graph breaks) and testable with ``torch.library.opcheck``.
 
 The ``backend`` argument is a concrete backend name, already resolved by ``backends.resolve``;
 the op calls that backend's callables (``backends.implementation``).
@@ -19,48 +21,60 @@ from torch import Tensor
 
 from .._types import stat_dtype
 from ..backends import implementation
+from ._autocast import no_autocast
 
 __all__ = ["lse_fwd", "lse_bwd"]
 
 
 @torch.library.custom_op("contrastive_kernels::lse_fwd", mutates_args=())
 def lse_fwd(query: Tensor, keys: Tensor, scale: Tensor, labels: Optional[Tensor],
-            compute_col: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Row LSE (N,), column LSE (M,) or (0,), positive logits (N,) of S = scale·query·keysᵀ."""
+            row_classes: Optional[Tensor], col_classes: Optional[Tensor], exclude_self: bool,
+            compute_col: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Row LSE (N,), column LSE (M,) or (0,), positives (N,), positive count (N,) or (0,) of
+    S = scale·query·keysᵀ, the self pair left out when ``exclude_self``."""
     fwd, _ = implementation(backend)
-    return fwd(query, keys, scale, labels, compute_col)
+    with no_autocast(query.device):
+        return tuple(fwd(query, keys, scale, labels, row_classes, col_classes, exclude_self,
+                         compute_col))
 
 
 @lse_fwd.register_fake
-def _lse_fwd_fake(query, keys, scale, labels, compute_col, backend):
+def _lse_fwd_fake(query, keys, scale, labels, row_classes, col_classes, exclude_self, compute_col,
+                  backend):
     st = stat_dtype(query.dtype)
     n, m = query.shape[0], keys.shape[0]
     return (query.new_empty(n, dtype=st), query.new_empty(m if compute_col else 0, dtype=st),
-            query.new_empty(n, dtype=st))
+            query.new_empty(n, dtype=st),
+            query.new_empty(n if row_classes is not None else 0, dtype=st))
 
 
 @torch.library.custom_op("contrastive_kernels::lse_bwd", mutates_args=())
 def lse_bwd(query: Tensor, keys: Tensor, scale: Tensor, labels: Optional[Tensor],
+            row_classes: Optional[Tensor], col_classes: Optional[Tensor], exclude_self: bool,
             row_lse: Tensor, col_lse: Tensor, grad_row: Optional[Tensor],
             grad_col: Optional[Tensor], grad_pos: Optional[Tensor],
             backend: str) -> tuple[Tensor, Tensor]:
     """(grad_query (N, D), grad_keys (M, D)) in the statistic dtype, for
-    G_ij = grad_row_i·exp(S_ij − r_i) + grad_col_j·exp(S_ij − c_j) + grad_pos_i·1[j = l_i]."""
+    G_ij = [(i,j) kept]·(grad_row_i·exp(S_ij − r_i) + grad_col_j·exp(S_ij − c_j))
+           + grad_pos_i·[j is a positive of i]."""
     _, bwd = implementation(backend)
-    return bwd(query, keys, scale, labels, row_lse, col_lse, grad_row, grad_col, grad_pos)
+    with no_autocast(query.device):
+        return tuple(bwd(query, keys, scale, labels, row_classes, col_classes, exclude_self,
+                         row_lse, col_lse, grad_row, grad_col, grad_pos))
 
 
 @lse_bwd.register_fake
-def _lse_bwd_fake(query, keys, scale, labels, row_lse, col_lse, grad_row, grad_col, grad_pos,
-                  backend):
+def _lse_bwd_fake(query, keys, scale, labels, row_classes, col_classes, exclude_self, row_lse,
+                  col_lse, grad_row, grad_col, grad_pos, backend):
     st = stat_dtype(query.dtype)
     return query.new_empty(query.shape, dtype=st), keys.new_empty(keys.shape, dtype=st)
 
 
 def _setup_context(ctx, inputs, output):
-    query, keys, scale, labels, compute_col, backend = inputs
-    row_lse, col_lse, _ = output
-    ctx.save_for_backward(query, keys, scale, labels, row_lse, col_lse)
+    query, keys, scale, labels, row_classes, col_classes, exclude_self, compute_col, backend = inputs
+    row_lse, col_lse, _, _ = output
+    ctx.save_for_backward(query, keys, scale, labels, row_classes, col_classes, row_lse, col_lse)
+    ctx.exclude_self = exclude_self
     ctx.compute_col = compute_col
     ctx.backend = backend
     # Unused statistics then arrive as None, so the kernel skips their exp instead of
@@ -68,18 +82,19 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_row, grad_col, grad_pos):
-    query, keys, scale, labels, row_lse, col_lse = ctx.saved_tensors
+def _backward(ctx, grad_row, grad_col, grad_pos, _grad_count):
+    query, keys, scale, labels, row_classes, col_classes, row_lse, col_lse = ctx.saved_tensors
     if not ctx.compute_col:
         grad_col = None
     need_q, need_k, need_s = ctx.needs_input_grad[:3]
+    none = (None,) * 9
     if not (need_q or need_k or need_s) or (grad_row is None and grad_col is None and grad_pos is None):
-        return None, None, None, None, None, None
+        return none
     st = row_lse.dtype
     grad_row, grad_col, grad_pos = (None if g is None else g.to(st).contiguous()
                                     for g in (grad_row, grad_col, grad_pos))
-    grad_q, grad_k = lse_bwd(query, keys, scale, labels, row_lse, col_lse,
-                             grad_row, grad_col, grad_pos, ctx.backend)
+    grad_q, grad_k = lse_bwd(query, keys, scale, labels, row_classes, col_classes, ctx.exclude_self,
+                             row_lse, col_lse, grad_row, grad_col, grad_pos, ctx.backend)
     grad_scale = None
     if need_s:
         # ∂L/∂s = Σ_ij G_ij·S_ij / s = Σ_i ⟨grad_q_i, q_i⟩ / s — one O(N·D) reduction, done in the
@@ -87,7 +102,7 @@ def _backward(ctx, grad_row, grad_col, grad_pos):
         grad_scale = ((grad_q * query.to(st)).sum() / scale.to(st)).to(scale.dtype).reshape(scale.shape)
     return (grad_q.to(query.dtype) if need_q else None,
             grad_k.to(keys.dtype) if need_k else None,
-            grad_scale, None, None, None)
+            grad_scale) + none[3:]
 
 
 lse_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,5 +1,5 @@
 // Device building blocks shared by both stages of the fused row/column log-sum-exp of S = s·Q·Kᵀ
-// (docs/internals.md, math.md §2): the tile shape, the per-dtype paths, the 64×64 tile product on
+// (docs/internals.md, docs/math.md §2): the tile shape, the per-dtype paths, the 64×64 tile product on
 // tensor cores (or exact FFMA) and the double-buffered global→shared pipeline. The forward
 // (lse_fwd.cu) and the backward (lse_bwd.cu) sweep the same tiles with the same product; sharing this
 // code, not copying it, is what lets the backward recompute the forward's logits bit for bit.

@@ -5,7 +5,8 @@
                 fp32 input precision, the ``CK_TRITON_*`` knobs
 ``tiles.py``    ``@triton.jit`` logit-tile loop shared by forward and backward
 ``forward.py``  row/column log-sum-exp + positives (+ the partial merge, the CAS column merge)
-``backward.py`` feature gradients, three modes (fused, two_pass, gemm)
+``backward.py`` feature gradients of both families, three modes (fused, two_pass, gemm)
+``sigmoid.py``  the sigmoid (SigLIP) family: per-row sums (its backward is ``backward.py``'s)
 ==============  ================================================================================
 
 Importing this package never imports triton: the kernels are loaded on first use, so
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["available", "lse_fwd", "lse_bwd"]
+__all__ = ["available", "lse_fwd", "lse_bwd", "sigmoid_fwd", "sigmoid_bwd"]
 
 
 def available() -> tuple[bool, str]:
@@ -58,12 +59,25 @@ def _load(stage: str):
         raise RuntimeError(f"triton backend unavailable: {e}") from e
 
 
-def lse_fwd(query, keys, scale, labels, compute_col):
+def lse_fwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, compute_col):
     """Backend ``lse_fwd`` callable; see ``forward.lse_fwd``."""
-    return _load("forward").lse_fwd(query, keys, scale, labels, compute_col)
+    return _load("forward").lse_fwd(query, keys, scale, labels, row_classes, col_classes,
+                                    exclude_self, compute_col)
 
 
-def lse_bwd(query, keys, scale, labels, row_lse, col_lse, grad_row, grad_col, grad_pos):
+def lse_bwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, row_lse, col_lse,
+            grad_row, grad_col, grad_pos):
     """Backend ``lse_bwd`` callable; see ``backward.lse_bwd``."""
-    return _load("backward").lse_bwd(query, keys, scale, labels, row_lse, col_lse,
-                                     grad_row, grad_col, grad_pos)
+    return _load("backward").lse_bwd(query, keys, scale, labels, row_classes, col_classes,
+                                     exclude_self, row_lse, col_lse, grad_row, grad_col, grad_pos)
+
+
+def sigmoid_fwd(query, keys, scale, bias, row_classes, col_classes, diagonal):
+    """Backend ``sigmoid_fwd`` callable; see ``sigmoid.sigmoid_fwd``."""
+    return _load("sigmoid").sigmoid_fwd(query, keys, scale, bias, row_classes, col_classes, diagonal)
+
+
+def sigmoid_bwd(query, keys, scale, bias, row_classes, col_classes, diagonal, grad_row):
+    """Backend ``sigmoid_bwd`` callable; see ``sigmoid.sigmoid_bwd``."""
+    return _load("sigmoid").sigmoid_bwd(query, keys, scale, bias, row_classes, col_classes,
+                                        diagonal, grad_row)

@@ -1,16 +1,20 @@
-"""Triton backward of the log-sum-exp family: feature gradients for any upstream gradients of the
-three statistics.
+"""Triton backward of both op families: feature gradients from one recomputation of each tile.
 
-    lse_bwd(query, keys, scale, labels, row_lse, col_lse, grad_row, grad_col, grad_pos)
-        -> (grad_query (N, D), grad_keys (M, D)), float32
+    lse_bwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, row_lse, col_lse,
+            grad_row, grad_col, grad_pos) -> (grad_query (N, D), grad_keys (M, D))
+    sigmoid_bwd(...) (see ``sigmoid.py``) -> (grad_query, grad_keys, grad_bias_row (N,))
 
-``_lse_bwd_kernel`` is one generic "A against B" kernel: A-rows are owned by the program, B is swept
-in tiles. It recomputes each S tile once (``tiles.logit_tile``, the forward's rounding), forms
+``_bwd_kernel`` is one generic "A against B" kernel: A-rows are owned by the program, B is swept
+in tiles (``tiles.scaled_tile``, the forward's rounding). It forms the logit gradient G of the
+tile from the family's weights —
 
-    G = g_a·exp(S − lse_a) + g_b·exp(S − lse_b) + g_pos·1[positive]        (both weights ≤ 1)
+    log-sum-exp:  G = [kept]·(g_a·exp(S − lse_a) + g_b·exp(S − lse_b)) + g_pos·[positive]
+                  (both weights ≤ 1; the self pair is dropped by a select under EXCLUDE_SELF)
+    sigmoid:      G = g·(−z)·σ(−z·(S + b)),  z = +1 on positive pairs, −1 elsewhere
 
-and emits dA = s·G·B (owned: registers or plain RMW) and, optionally, dB = s·Gᵀ·A (float32
-``atomic_add``). A ``None`` grad is zero and its statistic is never read.
+— and emits dA = s·G·B (owned: registers or plain RMW) and, optionally, dB = s·Gᵀ·A (float32
+``atomic_add``), and for the sigmoid family the row sums of G (the bias gradient). A ``None`` grad
+is zero and its statistic is never read.
 
 Backward modes (``CK_TRITON_BWD`` forces one; ``auto`` picks per ``tuning.bwd_mode``)
 ----------------------------------------------------------------------------------------
@@ -23,8 +27,8 @@ Backward modes (``CK_TRITON_BWD`` forces one; ``auto`` picks per ``tuning.bwd_mo
   ``gemm_budget_bytes``), then dQ[slab] = G·K and dK += Gᵀ·Q[slab] run on cuBLAS. Per slab:
   2·R·M·D FLOPs in the kernel, 4·R·M·D in the GEMMs, 3 passes of R·M·elem bytes; no atomics.
 * ``two_pass`` (deterministic while D ≤ 128): launch 1 A = Q, B = K emits dQ; launch 2 A = K,
-  B = Q (weights and labels swapped) emits dK. Each tile of S is computed twice: 8·N·M·D instead of
-  6·N·M·D FLOPs, no atomics, bitwise identical run to run.
+  B = Q (weights, labels and classes swapped) emits dK. Each tile of S is computed twice:
+  8·N·M·D instead of 6·N·M·D FLOPs, no atomics, bitwise identical run to run.
 ``CK_TRITON_DETERMINISTIC=1`` or ``torch.use_deterministic_algorithms(True)`` selects ``two_pass`` /
 ``gemm`` (and the forward's ``partial`` column reduction).
 
@@ -40,28 +44,32 @@ import triton
 import triton.language as tl
 
 from . import tuning as tu
-from .tiles import LOG2E, load_rows, logit_tile
+from .tiles import LOG2E, load_rows, scaled_tile, sigmoid_terms
 
 
 @triton.autotune(configs=tu.bwd_configs(),
-                 key=["D", "NA_KEY", "NB_KEY", "BLOCK_M", "BLOCK_D", "D_SINGLE", "EMIT_DB", "DA_ATOMIC",
-                      "STORE_G", "INPUT_PRECISION"],
+                 key=["D", "NA_KEY", "NB_KEY", "BLOCK_M", "BLOCK_D", "D_SINGLE", "SIGMOID", "EMIT_DB",
+                      "DA_ATOMIC", "STORE_G", "HAS_CLASSES", "EXCLUDE_SELF", "INPUT_PRECISION"],
                  reset_to_zero=["dA_ptr", "dB_ptr"])
 @triton.jit
-def _lse_bwd_kernel(
-    A, B, scale_ptr, gscale_ptr, labels_ptr,
+def _bwd_kernel(
+    A, B, scale_ptr, gscale_ptr, bias_ptr, labels_ptr,
+    ca_ptr, cb_ptr,            # classes of the A rows / B rows [HAS_CLASSES]
     lse_a_ptr, g_a_ptr,        # per A-row: natural-log lse and upstream weight
     lse_b_ptr, g_b_ptr,        # per B-row
     gpos_ptr,                  # per query row (A when LABELS_ON_A, else B)
     dA_ptr, dB_ptr,            # float32 (SPLIT, NA, D) / (NB, D), zero-initialised
     G_ptr,                     # (rows of this launch, NB) G tile store [STORE_G]
+    gsum_ptr,                  # (SPLIT, NA) float32 row sums of G [EMIT_GSUM]
     NA, NB, D, row_start, cols_per_split, stride_a, stride_b, ldg,
     NA_KEY, NB_KEY,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    D_SINGLE: tl.constexpr, HAS_GA: tl.constexpr, HAS_GB: tl.constexpr, HAS_GPOS: tl.constexpr,
-    HAS_LABELS: tl.constexpr, LABELS_ON_A: tl.constexpr, EMIT_DB: tl.constexpr,
-    DA_ATOMIC: tl.constexpr, STORE_G: tl.constexpr, USE_GSCALE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    D_SINGLE: tl.constexpr, SIGMOID: tl.constexpr,
+    HAS_GA: tl.constexpr, HAS_GB: tl.constexpr, HAS_GPOS: tl.constexpr,
+    HAS_LABELS: tl.constexpr, HAS_CLASSES: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+    DIAGONAL: tl.constexpr, LABELS_ON_A: tl.constexpr, EMIT_DB: tl.constexpr,
+    DA_ATOMIC: tl.constexpr, STORE_G: tl.constexpr, EMIT_GSUM: tl.constexpr,
+    USE_GSCALE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -77,11 +85,16 @@ def _lse_bwd_kernel(
     else:
         gs = 1.0
         out_scale = scale
+    if SIGMOID:
+        bias = tl.load(bias_ptr).to(tl.float32)
     cdt = A.dtype.element_ty  # dtype of the second-stage dot operands
 
     if HAS_GA:  # other=0 weight on padded rows; the final where() drops them anyway
         ga = tl.load(g_a_ptr + rows, mask=row_valid, other=0.0) * gs
-        lse_a = tl.load(lse_a_ptr + rows, mask=row_valid, other=0.0)
+        if not SIGMOID:
+            lse_a = tl.load(lse_a_ptr + rows, mask=row_valid, other=0.0)
+    if HAS_CLASSES:
+        ca = tl.load(ca_ptr + rows, mask=row_valid, other=0)
     if HAS_GPOS:
         if LABELS_ON_A:
             gpa = tl.load(gpos_ptr + rows, mask=row_valid, other=0.0) * gs
@@ -93,7 +106,9 @@ def _lse_bwd_kernel(
         a = load_rows(A, a_off, row_valid, 0, D, BLOCK_D)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     else:
-        a = 0  # unused: logit_tile re-loads A chunks
+        a = 0  # unused: scaled_tile re-loads A chunks
+    if EMIT_GSUM:
+        gsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if DA_ATOMIC:  # all splits add into one buffer
         da_base = dA_ptr
     else:  # this split's private slice, summed on the host in a fixed order (deterministic)
@@ -102,40 +117,72 @@ def _lse_bwd_kernel(
     col_lo = pid_s * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, NB)
     for n0 in range(col_lo, col_hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_valid = cols < col_hi
+        ss, cols, col_valid, b_off, b = scaled_tile(A, B, a, a_off, row_valid, n0, col_hi, stride_b,
+                                                    scale, D, BLOCK_M, BLOCK_N, BLOCK_D, D_SINGLE,
+                                                    INPUT_PRECISION)
         cols64 = cols.to(tl.int64)
-        b_off = cols64 * stride_b
-        if D_SINGLE:
-            b = load_rows(B, b_off, col_valid, 0, D, BLOCK_D)
+        if HAS_CLASSES:
+            cb = tl.load(cb_ptr + cols, mask=col_valid, other=0)
+        if SIGMOID:
+            # (−z)·σ(−z·L) with L = S + b: z = +1 on positives, where x = −L
+            if HAS_CLASSES:
+                posm = ca[:, None] == cb[None, :]
+            elif DIAGONAL:
+                posm = rows[:, None] == cols[None, :]
+            else:
+                posm = (rows[:, None] < 0) & (cols[None, :] < 0)  # no positives (all false)
+            lg = ss + bias
+            x = tl.where(posm, -lg, lg)
+            _, sig = sigmoid_terms(x)
+            w = tl.where(posm, -sig, sig)
+            if HAS_GA:
+                g = ga[:, None] * w
+            else:
+                gb = tl.load(g_b_ptr + cols, mask=col_valid, other=0.0) * gs
+                g = gb[None, :] * w
         else:
-            b = 0
-        s = logit_tile(A, B, a, b, a_off, b_off, row_valid, col_valid, D,
-                       BLOCK_M, BLOCK_N, BLOCK_D, D_SINGLE, INPUT_PRECISION)
-        # G in fp32 from the same rounded S as the forward; each S - lse <= 0 up to rounding, so
-        # every weight is <= 1 (see the forward for why log2(e) is not folded into the scale)
-        ss = s * scale
-        g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if HAS_GA:
-            g += ga[:, None] * tl.exp2((ss - lse_a[:, None]) * LOG2E)
-        if HAS_GB:
-            gb = tl.load(g_b_ptr + cols, mask=col_valid, other=0.0) * gs
-            lse_b = tl.load(lse_b_ptr + cols, mask=col_valid, other=0.0)
-            g += gb[None, :] * tl.exp2((ss - lse_b[None, :]) * LOG2E)
-        if HAS_GPOS:
-            if LABELS_ON_A:
-                hit = lab_a[:, None] == cols[None, :]
-                g += tl.where(hit, gpa[:, None], 0.0)
-            else:  # A = keys, B = queries: B-row i is positive for A-row l_i
-                if HAS_LABELS:
-                    lab_b = tl.load(labels_ptr + cols, mask=col_valid, other=-1).to(tl.int32)
+            # G in fp32 from the same rounded S as the forward; each S - lse <= 0 up to rounding,
+            # so every weight is <= 1 (see the forward for why log2(e) is not folded into the scale)
+            g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if HAS_GA:
+                g += ga[:, None] * tl.exp2((ss - lse_a[:, None]) * LOG2E)
+            if HAS_GB:
+                gb = tl.load(g_b_ptr + cols, mask=col_valid, other=0.0) * gs
+                lse_b = tl.load(lse_b_ptr + cols, mask=col_valid, other=0.0)
+                g += gb[None, :] * tl.exp2((ss - lse_b[None, :]) * LOG2E)
+            if EXCLUDE_SELF:
+                # a select, not a multiply: exp(S - lse) of a row with nothing kept may be inf·0
+                g = tl.where(rows[:, None] == cols[None, :], 0.0, g)
+            if HAS_GPOS:
+                if HAS_CLASSES:
+                    hit = ca[:, None] == cb[None, :]
+                    if EXCLUDE_SELF:
+                        hit = hit & (rows[:, None] != cols[None, :])
+                    if LABELS_ON_A:
+                        g += tl.where(hit, gpa[:, None], 0.0)
+                    else:
+                        gpb = tl.load(gpos_ptr + cols, mask=col_valid, other=0.0) * gs
+                        g += tl.where(hit, gpb[None, :], 0.0)
                 else:
-                    lab_b = cols
-                gpb = tl.load(gpos_ptr + cols, mask=col_valid, other=0.0) * gs
-                hit = rows[:, None] == lab_b[None, :]
-                g += tl.where(hit, gpb[None, :], 0.0)
+                    if LABELS_ON_A:
+                        hit = lab_a[:, None] == cols[None, :]
+                    else:  # A = keys, B = queries: B-row i is positive for A-row l_i
+                        if HAS_LABELS:
+                            lab_b = tl.load(labels_ptr + cols, mask=col_valid, other=-1).to(tl.int32)
+                        else:
+                            lab_b = cols
+                        hit = rows[:, None] == lab_b[None, :]
+                    if EXCLUDE_SELF:  # never a positive on the excluded self pair
+                        hit = hit & (rows[:, None] != cols[None, :])
+                    if LABELS_ON_A:
+                        g += tl.where(hit, gpa[:, None], 0.0)
+                    else:
+                        gpb = tl.load(gpos_ptr + cols, mask=col_valid, other=0.0) * gs
+                        g += tl.where(hit, gpb[None, :], 0.0)
         # padded rows/columns: exp2 of a padded score may be anything, so zero G explicitly
         g = tl.where(row_valid[:, None] & col_valid[None, :], g, 0.0)
+        if EMIT_GSUM:
+            gsum += tl.sum(g, axis=1)
         gd = g.to(cdt)
         if STORE_G:
             # "gemm" mode: hand the tile to cuBLAS; 2 bytes per logit for 16-bit inputs
@@ -180,6 +227,8 @@ def _lse_bwd_kernel(
             tl.atomic_add(da_ptrs, acc, mask=dmask, sem="relaxed")
         else:
             tl.store(da_ptrs, acc, mask=dmask)
+    if EMIT_GSUM:
+        tl.store(gsum_ptr + pid_s.to(tl.int64) * NA + rows, gsum / gs, mask=row_valid)
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,19 +274,20 @@ def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     acc += _mm_f32(a, b)
 
 
-def lse_bwd(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
-            labels: torch.Tensor | None, row_lse: torch.Tensor, col_lse: torch.Tensor,
-            grad_row: torch.Tensor | None, grad_col: torch.Tensor | None,
-            grad_pos: torch.Tensor | None):
-    """Gradients of Σ grad_row·row_lse + Σ grad_col·col_lse + Σ grad_pos·pos (module docstring)."""
-    query, keys, labels = tu.prepare(query, keys, labels)
+def run_backward(query, keys, scale, *, sigmoid: bool, bias=None, labels=None, row_classes=None,
+                 col_classes=None, exclude_self=False, diagonal=False, row_lse=None, col_lse=None,
+                 grad_row=None, grad_col=None, grad_pos=None):
+    """The three backward modes for either family; returns (gq, gk) or, for sigmoid, (gq, gk, gsum)."""
+    query, keys, labels, row_classes, col_classes = tu.prepare(query, keys, labels, row_classes,
+                                                                col_classes)
     t = tu.current_tuning()
     N, D = query.shape
     M = keys.shape[0]
     dev = query.device
     f32 = dict(dtype=torch.float32, device=dev)
     if grad_row is None and grad_col is None and grad_pos is None:
-        return torch.zeros((N, D), **f32), torch.zeros((M, D), **f32)
+        zeros = (torch.zeros((N, D), **f32), torch.zeros((M, D), **f32))
+        return zeros + ((torch.zeros((N,), **f32),) if sigmoid else ())
     BM = t.bwd_block_m
     BD, d_single = tu.block_d(D, t.bwd_max_single_d, t.chunk_d)
     mode = tu.bwd_mode(t, d_single)
@@ -245,13 +295,15 @@ def lse_bwd(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
     prec = tu.input_precision(query.dtype)
     gscale = _gscale(query.dtype, (grad_row, grad_col, grad_pos))
     dummy = torch.empty((1,), **f32)
-    lab = labels if labels is not None else torch.empty((1,), dtype=torch.int64, device=dev)
+    no_ints = torch.empty((1,), dtype=torch.int64, device=dev)
+    classes = row_classes is not None
+    gsums = []
 
     def c(x):
         return dummy if x is None else x.contiguous()
 
-    def launch(A, B, lse_a, g_a, lse_b, g_b, labels_on_a, emit_db, atomic_da_ok,
-               G=None, row_start=0, row_stop=None):
+    def launch(A, B, lse_a, g_a, lse_b, g_b, ca, cb, labels_on_a, emit_db, atomic_da_ok,
+               emit_gsum=False, G=None, row_start=0, row_stop=None):
         NA, NB = A.shape[0], B.shape[0]
         row_stop = NA if row_stop is None else row_stop
         bm = BM if G is None else t.fwd_block_m  # the G writer is a GEMM + epilogue, like the forward
@@ -267,30 +319,40 @@ def lse_bwd(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
             dA = torch.zeros((split, NA, D), **f32)
             da_atomic = False
         dB = torch.zeros((NB, D), **f32) if emit_db else dummy
-        _lse_bwd_kernel[(row_blocks, split)](
-            A, B, scale, gscale if gscale is not None else dummy, lab,
-            c(lse_a) if g_a is not None else dummy, c(g_a),
-            c(lse_b) if g_b is not None else dummy, c(g_b),
-            c(grad_pos), dA, dB, G if G is not None else dummy,
+        gsum = torch.zeros((split, NA), **f32) if emit_gsum else dummy
+        _bwd_kernel[(row_blocks, split)](
+            A, B, scale, gscale if gscale is not None else dummy, c(bias),
+            labels if labels is not None else no_ints,
+            ca if ca is not None else no_ints, cb if cb is not None else no_ints,
+            c(lse_a) if g_a is not None and lse_a is not None else dummy, c(g_a),
+            c(lse_b) if g_b is not None and lse_b is not None else dummy, c(g_b),
+            c(grad_pos), dA, dB, G if G is not None else dummy, gsum,
             row_stop, NB, D, row_start, cols_per_split, A.stride(0), B.stride(0),
             G.stride(0) if G is not None else 0,
             tu.bucket(NA), tu.bucket(NB),
             BLOCK_M=bm, BLOCK_D=BD if G is None else BD_G, D_SINGLE=d_single if G is None else d_single_g,
-            HAS_GA=g_a is not None, HAS_GB=g_b is not None, HAS_GPOS=grad_pos is not None,
-            HAS_LABELS=labels is not None, LABELS_ON_A=labels_on_a, EMIT_DB=emit_db,
-            DA_ATOMIC=da_atomic, STORE_G=G is not None, USE_GSCALE=gscale is not None,
-            INPUT_PRECISION=prec, **tu.LAUNCH_OPTS,
+            SIGMOID=sigmoid, HAS_GA=g_a is not None, HAS_GB=g_b is not None,
+            HAS_GPOS=grad_pos is not None, HAS_LABELS=labels is not None, HAS_CLASSES=classes,
+            EXCLUDE_SELF=bool(exclude_self), DIAGONAL=bool(diagonal), LABELS_ON_A=labels_on_a,
+            EMIT_DB=emit_db, DA_ATOMIC=da_atomic, STORE_G=G is not None, EMIT_GSUM=emit_gsum,
+            USE_GSCALE=gscale is not None, INPUT_PRECISION=prec, **tu.LAUNCH_OPTS,
         )
+        if emit_gsum:
+            gsums.append(gsum[0] if split == 1 else gsum.sum(0))
         if dA.dim() == 3:
             dA = dA[0] if dA.shape[0] == 1 else dA.sum(0)
         return dA, dB
 
+    fwd_args = (query, keys, row_lse, grad_row, col_lse, grad_col, row_classes, col_classes)
+    # the transposed launch: A = keys, B = queries, every per-row input swapped
+    bwd_args = ((keys, query, None, None, None, grad_row, col_classes, row_classes) if sigmoid else
+                (keys, query, col_lse, grad_col, row_lse, grad_row, col_classes, row_classes))
     with tu.device_guard(dev):
         if mode == "fused":
-            gq, gk = launch(query, keys, row_lse, grad_row, col_lse, grad_col, True, True, True)
+            gq, gk = launch(*fwd_args, True, True, True, emit_gsum=sigmoid)
         elif mode == "two_pass":
-            gq, _ = launch(query, keys, row_lse, grad_row, col_lse, grad_col, True, False, False)
-            gk, _ = launch(keys, query, col_lse, grad_col, row_lse, grad_row, False, False, False)
+            gq, _ = launch(*fwd_args, True, False, False, emit_gsum=sigmoid)
+            gk, _ = launch(*bwd_args, False, False, False)
         else:
             # "gemm" (module docstring): G for a slab of rows, then the two GEMMs on cuBLAS
             gdt = query.dtype
@@ -303,12 +365,27 @@ def lse_bwd(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
             gk = torch.zeros((M, D), **f32)
             for r0 in range(0, N, rows):
                 r1 = min(N, r0 + rows)
-                launch(query, keys, row_lse, grad_row, col_lse, grad_col, True, False, False,
-                       G=G, row_start=r0, row_stop=r1)
+                launch(*fwd_args, True, False, False, emit_gsum=sigmoid, G=G, row_start=r0,
+                       row_stop=r1)
                 Gc = G[: r1 - r0]
                 gq[r0:r1] = _mm_f32(Gc, keys)
                 _addmm_f32_(gk, Gc.t(), query[r0:r1])
             out_scale = scale.float() if gscale is None else scale.float() / gscale
             gq.mul_(out_scale)
             gk.mul_(out_scale)
-    return gq, gk
+    if not sigmoid:
+        return gq, gk
+    # the gemm mode's slabs each summed their own rows (the rest of each buffer is zero)
+    gsum = gsums[0] if len(gsums) == 1 else torch.stack(gsums).sum(0)
+    return gq, gk, gsum
+
+
+def lse_bwd(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
+            labels: torch.Tensor | None, row_classes: torch.Tensor | None,
+            col_classes: torch.Tensor | None, exclude_self: bool, row_lse: torch.Tensor,
+            col_lse: torch.Tensor, grad_row: torch.Tensor | None, grad_col: torch.Tensor | None,
+            grad_pos: torch.Tensor | None):
+    """Gradients of Σ grad_row·row_lse + Σ grad_col·col_lse + Σ grad_pos·pos (module docstring)."""
+    return run_backward(query, keys, scale, sigmoid=False, labels=labels, row_classes=row_classes,
+                        col_classes=col_classes, exclude_self=exclude_self, row_lse=row_lse,
+                        col_lse=col_lse, grad_row=grad_row, grad_col=grad_col, grad_pos=grad_pos)

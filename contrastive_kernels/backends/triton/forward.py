@@ -1,16 +1,21 @@
-"""Triton forward of the log-sum-exp family: row/column LSE and positive logits of S = s·Q·Kᵀ.
+"""Triton forward of the log-sum-exp family: row/column LSE and positives of S = s·Q·Kᵀ.
 
-    lse_fwd(query, keys, scale, labels, compute_col) -> (row_lse, col_lse, pos)
+    lse_fwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, compute_col)
+        -> (row_lse, col_lse, pos, pos_count)
 
 query (N, D), keys (M, D), scale 0-d float32 (read on the device: no host sync), labels None or
-(N,) int64; row_lse/pos (N,), col_lse (M,) or (0,), all float32. 2·N·M·D FLOPs; S is never stored.
+(N,) int64, row/col_classes None or (N,)/(M,) int64; row_lse/pos (N,), col_lse (M,) or (0,),
+pos_count (N,) with classes else (0,), all float32. 2·N·M·D FLOPs; S is never stored.
 
 Kernels
 -------
 ``_lse_fwd_kernel``    grid (row blocks, column splits). One program holds BLOCK_M rows of Q and
-                       sweeps its columns in BLOCK_N tiles (``tiles.logit_tile``): online row max/sum,
-                       and per-tile column (max, sum) over its rows; every exponential is one
-                       ``exp2`` of (S − max)·log2(e).
+                       sweeps its columns in BLOCK_N tiles (``tiles.scaled_tile``): online row
+                       max/sum, per-tile column (max, sum) over its rows, and the positives read
+                       from the same tile elements (the labelled column, or every same-class
+                       column with its count), all without the self pair under ``EXCLUDE_SELF``;
+                       every exponential is one ``exp2`` of (S − max)·log2(e). Row statistics and
+                       positives are stored per column split and folded in a fixed order.
 ``_lse_merge_kernel``  merges (max, sum) partials of rows (over column splits) and of columns (over
                        row blocks) in a fixed order: deterministic.
 
@@ -42,7 +47,7 @@ import triton
 import triton.language as tl
 
 from . import tuning as tu
-from .tiles import LOG2E, load_rows, logit_tile
+from .tiles import LOG2E, load_rows, safe_max, scaled_tile
 
 _NEG_INF_BITS_U32 = tl.constexpr(0xFF800000)  # float32 -inf bits, for the packed column words
 _NEG_INF_BITS = -8388608  # int32 bit pattern of float32 -inf (0xFF800000), host-side decode
@@ -75,8 +80,9 @@ def _col_cas_merge(packed_ptr, cols, col_valid, cm, cl):
     pending = col_valid
     while tl.max(pending.to(tl.int32), axis=0) > 0:
         em, el = _unpack_ml(expected)
-        nm = tl.maximum(em, cm)  # cm is finite: every row block has a valid row
-        nl = el * tl.exp2((em - nm) * LOG2E) + cl * tl.exp2((cm - nm) * LOG2E)
+        nm = tl.maximum(em, cm)
+        shift = safe_max(nm)  # both -inf: a column with nothing kept yet (self pair excluded)
+        nl = el * tl.exp2((em - shift) * LOG2E) + cl * tl.exp2((cm - shift) * LOG2E)
         new = tl.where(pending, _pack_ml(nm, nl), expected)
         prev = tl.atomic_cas(ptrs, expected, new)
         pending = pending & (prev != expected)
@@ -88,81 +94,82 @@ def _col_cas_merge(packed_ptr, cols, col_valid, cm, cl):
 # in shared memory there). The autotuner adds the tensors' dtypes itself.
 @triton.autotune(configs=tu.fwd_configs(),
                  key=["D", "N_KEY", "M_KEY", "BLOCK_M", "BLOCK_D", "D_SINGLE", "COMPUTE_COL", "COL_ATOMIC",
-                      "INPUT_PRECISION"],
+                      "HAS_CLASSES", "EXCLUDE_SELF", "INPUT_PRECISION"],
                  reset_to_zero=["col_packed_ptr"], prune_configs_by={"early_config_prune": tu.prune_fwd_by_smem})
 @triton.jit
 def _lse_fwd_kernel(
-    Q, K, scale_ptr, labels_ptr,
+    Q, K, scale_ptr, labels_ptr, rclass_ptr, cclass_ptr,
     row_m_ptr, row_l_ptr,      # (SPLIT, N) float32 partial row (max, sum): lse = max + log(sum)
     col_m_ptr, col_l_ptr,      # (row blocks of this launch, M) partial column (max, sum)
     col_packed_ptr,            # (M,) int64 packed running column (max, sum) [COL_ATOMIC]
-    pos_ptr,                   # (N,) float32
+    pos_ptr, cnt_ptr,          # (SPLIT, N) float32 partial positives (sum) and counts [HAS_CLASSES]
     N, M, D, row_start, cols_per_split, stride_q, stride_k,
     N_KEY, M_KEY,              # autotune size buckets only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    D_SINGLE: tl.constexpr, HAS_LABELS: tl.constexpr, COMPUTE_COL: tl.constexpr,
-    COL_ATOMIC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    D_SINGLE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CLASSES: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, COMPUTE_COL: tl.constexpr, COL_ATOMIC: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = row_start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = rows < N
     q_off = rows.to(tl.int64) * stride_q  # int64: N·D overflows int32 at N = 2^20, D = 2048
-    offs_d = tl.arange(0, BLOCK_D)
     scale = tl.load(scale_ptr).to(tl.float32)
 
     if D_SINGLE:  # the whole (padded) row block stays resident over the sweep
         q = load_rows(Q, q_off, row_valid, 0, D, BLOCK_D)
     else:
-        q = 0  # unused: logit_tile re-loads Q chunks
-
-    # positives: s·<q_i, k_{l_i}> by an elementwise fp32 dot, O(BLOCK_M·D), once per row block
-    if pid_s == 0:
-        if HAS_LABELS:
-            lab = tl.load(labels_ptr + rows, mask=row_valid, other=0)
-        else:
-            lab = rows
-        kl_off = lab.to(tl.int64) * stride_k
-        pacc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dm = (d0 + offs_d) < D
-            m2 = row_valid[:, None] & dm[None, :]
-            qa = tl.load(Q + q_off[:, None] + (d0 + offs_d)[None, :], mask=m2, other=0.0)
-            kb = tl.load(K + kl_off[:, None] + (d0 + offs_d)[None, :], mask=m2, other=0.0)
-            pacc += tl.sum(qa.to(tl.float32) * kb.to(tl.float32), axis=1)
-        tl.store(pos_ptr + rows, pacc * scale, mask=row_valid)
+        q = 0  # unused: scaled_tile re-loads Q chunks
+    if HAS_CLASSES:
+        rc = tl.load(rclass_ptr + rows, mask=row_valid, other=0)
+        cnt = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    elif HAS_LABELS:
+        lab = tl.load(labels_ptr + rows, mask=row_valid, other=-1)
+    else:
+        lab = rows
+    pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
 
     col_lo = pid_s * cols_per_split  # cols_per_split is a multiple of every BLOCK_N
     col_hi = tl.minimum(col_lo + cols_per_split, M)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(col_lo, col_hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_valid = cols < col_hi
-        k_off = cols.to(tl.int64) * stride_k
-        if D_SINGLE:
-            kt = load_rows(K, k_off, col_valid, 0, D, BLOCK_D)
-        else:
-            kt = 0
-        s = logit_tile(Q, K, q, kt, q_off, k_off, row_valid, col_valid, D,
-                       BLOCK_M, BLOCK_N, BLOCK_D, D_SINGLE, INPUT_PRECISION)
-        # S = acc·s is rounded once to float32 (as torch rounds its logits), and the backward
-        # recomputes exactly the same rounded S (FP contraction is off, see tuning.LAUNCH_OPTS), so
-        # the largest weight exp(S_max - lse) of a peaked row is exactly 1 in both kernels. log2(e)
-        # multiplies the small difference S - max, not the scale: folded into the scale it would
-        # put a relative error of 2^-24 on every logit (~3e-5 absolute at |S| = 500).
-        ss = s * scale
-        s_r = tl.where(col_valid[None, :], ss, float("-inf"))
+        # S rounded once to float32 (as torch rounds its logits); the backward recomputes exactly
+        # these bits, so the largest weight exp(S_max - lse) of a peaked row is exactly 1 in both
+        # kernels. log2(e) multiplies the small difference S - max, not the scale: folded into the
+        # scale it would put a relative error of 2^-24 on every logit (~3e-5 absolute at |S| = 500).
+        ss, cols, col_valid, _, _ = scaled_tile(Q, K, q, q_off, row_valid, n0, col_hi, stride_k,
+                                                scale, D, BLOCK_M, BLOCK_N, BLOCK_D, D_SINGLE,
+                                                INPUT_PRECISION)
+        keep = col_valid[None, :]
+        if EXCLUDE_SELF:
+            keep = keep & (rows[:, None] != cols[None, :])
+        s_r = tl.where(keep, ss, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s_r, axis=1))
-        # online row max: the rescale of the running sum is exactly 0 on the first tile
-        p = tl.exp2((s_r - m_new[:, None]) * LOG2E)
-        l_i = l_i * tl.exp2((m_i - m_new) * LOG2E) + tl.sum(p, axis=1)
+        # online row max: the rescale of the running sum is exactly 0 on the first tile; with the
+        # self pair excluded a row may have seen nothing yet (max -inf): shift by 0 there
+        shift = safe_max(m_new) if EXCLUDE_SELF else m_new
+        p = tl.exp2((s_r - shift[:, None]) * LOG2E)
+        l_i = l_i * tl.exp2((m_i - shift) * LOG2E) + tl.sum(p, axis=1)
         m_i = m_new
+        # positives from the very elements the LSE saw: row_lse - pos >= 0 in floating point
+        if HAS_CLASSES:
+            cc = tl.load(cclass_ptr + cols, mask=col_valid, other=0)
+            hit = keep & (rc[:, None] == cc[None, :])
+            cnt += tl.sum(hit.to(tl.float32), axis=1)
+        else:  # an excluded element is never a positive: keep, not just col_valid
+            hit = keep & (lab[:, None] == cols[None, :])
+        pos += tl.sum(tl.where(hit, ss, 0.0), axis=1)
         if COMPUTE_COL:
             # column statistic of this tile over this block's rows: the second exp per element
-            s_c = tl.where(row_valid[:, None], ss, float("-inf"))
+            ckeep = row_valid[:, None]
+            if EXCLUDE_SELF:
+                ckeep = ckeep & (rows[:, None] != cols[None, :])
+            s_c = tl.where(ckeep, ss, float("-inf"))
             cm = tl.max(s_c, axis=0)
-            cl = tl.sum(tl.exp2((s_c - cm[None, :]) * LOG2E), axis=0)
+            cshift = safe_max(cm) if EXCLUDE_SELF else cm
+            cl = tl.sum(tl.exp2((s_c - cshift[None, :]) * LOG2E), axis=0)
             if COL_ATOMIC:
                 _col_cas_merge(col_packed_ptr, cols, col_valid, cm, cl)
             else:
@@ -172,6 +179,9 @@ def _lse_fwd_kernel(
     r_off = pid_s.to(tl.int64) * N + rows
     tl.store(row_m_ptr + r_off, m_i, mask=row_valid)
     tl.store(row_l_ptr + r_off, l_i, mask=row_valid)
+    tl.store(pos_ptr + r_off, pos, mask=row_valid)
+    if HAS_CLASSES:
+        tl.store(cnt_ptr + r_off, cnt, mask=row_valid)
 
 
 @triton.jit
@@ -213,9 +223,11 @@ def _decode_packed(packed: torch.Tensor) -> torch.Tensor:
 
 
 def lse_fwd(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
-            labels: torch.Tensor | None, compute_col: bool):
-    """Row/column log-sum-exp and positive logits of S = scale·query·keysᵀ (module docstring)."""
-    query, keys, labels = tu.prepare(query, keys, labels)
+            labels: torch.Tensor | None, row_classes: torch.Tensor | None,
+            col_classes: torch.Tensor | None, exclude_self: bool, compute_col: bool):
+    """Row/column log-sum-exp and positives of S = scale·query·keysᵀ (module docstring)."""
+    query, keys, labels, row_classes, col_classes = tu.prepare(query, keys, labels, row_classes,
+                                                                col_classes)
     t = tu.current_tuning()
     N, D = query.shape
     M = keys.shape[0]
@@ -226,6 +238,7 @@ def lse_fwd(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
     row_blocks = triton.cdiv(N, BM)
     split, cols_per_split = tu.plan_split(row_blocks, M, dev, t.split)
     det = tu.deterministic(t)
+    classes = row_classes is not None
 
     mode = "none"
     if compute_col:
@@ -240,7 +253,8 @@ def lse_fwd(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
 
     row_m = torch.empty((split, N), **f32)
     row_l = torch.empty((split, N), **f32)
-    pos = torch.empty((N,), **f32)
+    pos_part = torch.empty((split, N), **f32)
+    cnt_part = torch.empty((split, N), **f32) if classes else torch.empty((1,), **f32)
     dummy = torch.empty((1,), **f32)
     col_lse = torch.empty((M if compute_col else 0,), **f32)
     if mode == "partial":
@@ -252,7 +266,7 @@ def lse_fwd(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
         col_m = col_l = run_m = run_l = dummy
     packed = torch.zeros((M,), dtype=torch.int64, device=dev) if mode == "atomic" else \
         torch.zeros((1,), dtype=torch.int64, device=dev)
-    lab = labels if labels is not None else torch.empty((1,), dtype=torch.int64, device=dev)
+    no_ints = torch.empty((1,), dtype=torch.int64, device=dev)
     prec = tu.input_precision(query.dtype)
     MERGE_BLOCK = 1024 if tu.num_sms(dev) else 256
 
@@ -260,10 +274,13 @@ def lse_fwd(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
         for rb0 in range(0, row_blocks, rb_per_launch):
             nrb = min(rb_per_launch, row_blocks - rb0)
             _lse_fwd_kernel[(nrb, split)](
-                query, keys, scale, lab, row_m, row_l, col_m, col_l, packed, pos,
+                query, keys, scale, labels if labels is not None else no_ints,
+                row_classes if classes else no_ints, col_classes if classes else no_ints,
+                row_m, row_l, col_m, col_l, packed, pos_part, cnt_part,
                 N, M, D, rb0 * BM, cols_per_split, query.stride(0), keys.stride(0),
                 tu.bucket(N), tu.bucket(M),
                 BLOCK_M=BM, BLOCK_D=BD, D_SINGLE=d_single, HAS_LABELS=labels is not None,
+                HAS_CLASSES=classes, EXCLUDE_SELF=bool(exclude_self),
                 COMPUTE_COL=mode != "none", COL_ATOMIC=mode == "atomic", INPUT_PRECISION=prec,
                 **tu.LAUNCH_OPTS,
             )
@@ -281,4 +298,7 @@ def lse_fwd(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
             row_m, row_l, split, N, dummy, dummy, row_lse, HAS_INIT=False, FINAL=True, BLOCK=MERGE_BLOCK)
     if mode == "atomic":
         col_lse = _decode_packed(packed)
-    return row_lse, col_lse, pos
+    # Per-split partials folded in a fixed order (deterministic); a single split is exact.
+    pos = pos_part[0] if split == 1 else pos_part.sum(0)
+    count = (cnt_part[0] if split == 1 else cnt_part.sum(0)) if classes else dummy[:0]
+    return row_lse, col_lse, pos, count

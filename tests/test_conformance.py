@@ -1,3 +1,8 @@
+"""The conformance suite: every backend through the public API against the one dense oracle
+(``contrastive_kernels.reference``, float64), with one input maker (``helpers.make_features``) and
+one tolerance rule (``helpers.assert_relative_rule``; float64 paths at 1e-10 relative). Triton runs
+here under its interpreter (32- and 16-bit, small shapes); knob variants stay in the per-backend
+files (test_triton.py, test_native_cpu*.py, test_cuda.py)."""
 import math
 
 import pytest
@@ -5,7 +10,7 @@ import torch
 
 import contrastive_kernels as ck
 from helpers import (assert_close_f64, assert_relative_rule, grads_of, leaf, make_features,
-                     make_labels, reference)
+                     make_labels, reference, require_backend)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -179,7 +184,7 @@ LOWP_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("kind,n,m,d,labels_spec", LOWP_CASES)
-def test_low_precision_relative_rule(fused_backend, kind, n, m, d, labels_spec, dtype, reduction):
+def test_low_precision_relative_rule(lowp_backend, kind, n, m, d, labels_spec, dtype, reduction):
     scale_value = 14.0  # exact in every dtype
     q64, k64 = make_features(n, m, d, dtype=dtype, seed=n + 7 * m + d)  # already rounded to dtype
     labels = _labels(labels_spec, n, m)
@@ -198,7 +203,7 @@ def test_low_precision_relative_rule(fused_backend, kind, n, m, d, labels_spec, 
     out, grads = _evaluate(kind, leaf(q64, dtype), leaf(k64, dtype),
                            leaf(torch.tensor(scale_value, dtype=torch.float32)),
                            log_u=None if log_u64 is None else log_u64.to(dtype),
-                           upstream=upstream.to(torch.float32), backend=fused_backend, **kw)
+                           upstream=upstream.to(torch.float32), backend=lowp_backend, **kw)
     assert out[0].dtype == torch.float32
     assert grads[0].dtype == dtype and grads[1].dtype == dtype and grads[2].dtype == torch.float32
     names = ["loss", "log_z"]
@@ -297,3 +302,243 @@ def test_large_logits_do_not_overflow(backend, dtype):
     torch.testing.assert_close(out[0].double(), gt_out[0], rtol=1e-6, atol=1e-3)
     for o, g in zip(grads, gt_grads):
         torch.testing.assert_close(o.double(), g, rtol=0, atol=2e-2 * float(g.abs().max()))
+
+
+# ---------------------------------------------------------------------------------------------
+# one checker for every loss: value and every gradient against the dense float64 oracle
+# ---------------------------------------------------------------------------------------------
+
+def conform(ours, ref, features, scalars, dtype, backend, upstream=None):
+    """``ours(*features, *scalars, backend=...)`` against ``ref(*features, *scalars)``.
+
+    float64: ≤ 1e-10 relative to the oracle. 16/32-bit: the relative rule, with the oracle run in
+    the input dtype as the same-dtype yardstick (scalars — logit_scale, logit_bias — in float32 for
+    the backend, in the input dtype for the yardstick, in float64 for the truth). Returns the
+    backend's output.
+    """
+    feats64 = [f.double() for f in features]
+    sc64 = [torch.tensor(float(v), dtype=torch.float64) for v in scalars]
+
+    def evaluate(fn, fdt, sdt, **kw):
+        ins = [leaf(f, fdt) for f in feats64] + [leaf(v, sdt) for v in sc64]
+        out = fn(*ins, **kw)
+        grads = grads_of(out, ins, upstream)
+        return out.detach(), grads
+
+    gt, gt_grads = evaluate(ref, torch.float64, torch.float64)
+    if dtype == torch.float64:
+        out, grads = evaluate(ours, torch.float64, torch.float64, backend=backend)
+        assert out.dtype == torch.float64
+        assert_close_f64(out, gt, "loss")
+        for i, (o, g) in enumerate(zip(grads, gt_grads)):
+            assert o is not None, f"input {i}: no gradient"
+            assert_close_f64(o, g, f"grad of input {i}")
+        return out
+    same, same_grads = evaluate(ref, dtype, dtype)
+    out, grads = evaluate(ours, dtype, torch.float32, backend=backend)
+    assert out.dtype == torch.float32
+    assert_relative_rule(out, same, gt, dtype, "loss")
+    for i, (o, r, g) in enumerate(zip(grads, same_grads, gt_grads)):
+        assert o is not None, f"input {i}: no gradient"
+        assert_relative_rule(o, r, g, dtype, f"grad of input {i}")
+    return out
+
+
+def _views(n, d, dtype=torch.float64, seed=0):
+    a, b = make_features(n, n, d, dtype=dtype, seed=seed)
+    return a, (b + 0.5 * a) / (b + 0.5 * a).norm(dim=1, keepdim=True)
+
+
+def _class_labels(n, classes, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, classes, (n,), generator=g)
+
+
+# ---------------------------------------------------------------------------------------------
+# triton through the public front doors and the registered ops (interpreter on CPU)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_through_the_public_api(dtype):
+    require_backend("triton")
+    q, k = make_features(37, 70, 20, dtype=dtype, seed=41)
+    labels = make_labels(37, 70)
+    conform(lambda q, k, s, backend: ck.clip_loss(q, k[:37], s, backend=backend),
+            lambda q, k, s: reference.clip_loss(q, k[:37], s), (q, k), (12.0,), dtype, "triton")
+    conform(lambda q, k, s, backend: ck.info_nce(q, k, s, labels, backend=backend),
+            lambda q, k, s: reference.info_nce(q, k, s, labels), (q, k), (12.0,), dtype, "triton")
+    ups = [torch.randn(n, dtype=torch.float64) for n in (37, 70, 37)]
+
+    def stats(fn):
+        def total(q, k, s, **kw):
+            row, col, pos = fn(q, k, s, labels, **kw)[:3]
+            u = [x.to(row.dtype) for x in ups]
+            return (row * u[0]).sum() + (col * u[1]).sum() + (pos * u[2]).sum()
+        return total
+    conform(stats(lambda q, k, s, lab, backend: ck.lse_stats(q, k, s, lab, backend=backend)),
+            stats(reference.lse_stats), (q, k), (12.0,), dtype, "triton")
+
+
+def test_triton_opcheck():
+    require_backend("triton")
+    q, k = (t.float().requires_grad_() for t in make_features(9, 13, 5, seed=42))
+    s = torch.tensor(3.0, requires_grad=True)
+    b = torch.tensor(-2.0, requires_grad=True)
+    labels = make_labels(9, 13)
+    cls_q, cls_k = _class_labels(9, 3), _class_labels(13, 3, seed=6)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    for args in ((q, k, s, labels, None, None, False, True, "triton"),
+                 (q, k, s, None, cls_q, cls_k, True, False, "triton")):
+        torch.library.opcheck(torch.ops.contrastive_kernels.lse_fwd.default, args, test_utils=utils)
+    for args in ((q, k, s, b, None, None, True, "triton"), (q, k, s, b, cls_q, cls_k, False, "triton")):
+        torch.library.opcheck(torch.ops.contrastive_kernels.sigmoid_fwd.default, args,
+                              test_utils=utils)
+
+
+# ---------------------------------------------------------------------------------------------
+# lse_stats with the self pair excluded and class positives
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["exclude", "classes", "exclude+classes", "exclude+labels"])
+@pytest.mark.parametrize("n,m,d", [(1, 1, 3), (7, 7, 37), (37, 130, 7), (130, 37, 1)])
+def test_lse_stats_exclusion_and_classes_float64(backend, n, m, d, variant):
+    if backend == "cuda":
+        pytest.skip("the cuda backend implements the plain op only")
+    q, k = make_features(n, m, d, seed=n + m + d)
+    exclude = "exclude" in variant
+    kw = dict(exclude_self=exclude)
+    labels = make_labels(n, m) if "labels" in variant or m < n else None
+    if "classes" in variant:
+        kw.update(query_classes=_class_labels(n, 3), key_classes=_class_labels(m, 3, seed=7))
+        labels = None
+    ups = [torch.randn(x, dtype=torch.float64) for x in (n, m, n)]
+
+    def total(fn):
+        def f(q, k, s, **bk):
+            out = fn(q, k, s, labels, **kw, **bk)
+            row, col, pos = out[:3]
+            t = (torch.where(torch.isfinite(row), row, 0.0) * ups[0]).sum()
+            t = t + (torch.where(torch.isfinite(col), col, 0.0) * ups[1]).sum() + (pos * ups[2]).sum()
+            return t
+        return f
+    conform(total(lambda *a, backend, **k_: ck.lse_stats(*a, backend=backend, **k_)),
+            total(reference.lse_stats), (q, k), (9.0,), torch.float64, backend)
+    if "classes" in variant:
+        count = ck.lse_stats(q, k, 9.0, **kw, backend=backend)[3]
+        assert torch.equal(count, reference.lse_stats(q, k, 9.0, **kw)[3])
+
+
+# ---------------------------------------------------------------------------------------------
+# NT-Xent, SupCon, SigLIP against the oracle (every backend)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("n,d", [(1, 7), (7, 37), (37, 130), (130, 1)])
+def test_nt_xent_float64(backend, n, d, reduction):
+    a, b = _views(n, d, seed=n + d)
+    up = torch.randn(2 * n, dtype=torch.float64) if reduction == "none" else None
+    conform(lambda a, b, s, backend: ck.nt_xent_loss(a, b, s, reduction=reduction, backend=backend),
+            lambda a, b, s: reference.nt_xent_loss(a, b, s, reduction), (a, b), (1 / 0.07,),
+            torch.float64, backend, upstream=up)
+
+
+@pytest.mark.parametrize("classes", [1, 2, 5, "n"])
+@pytest.mark.parametrize("n,d", [(1, 7), (7, 37), (37, 130), (130, 7)])
+def test_supcon_float64(backend, n, d, classes):
+    feats, _ = make_features(n, 1, d, seed=n * 3 + d)
+    labels = _class_labels(n, n if classes == "n" else classes)
+    conform(lambda f, s, backend: ck.supcon_loss(f, labels, s, backend=backend),
+            lambda f, s: reference.supcon_loss(f, labels, s), (feats,), (10.0,), torch.float64,
+            backend)
+
+
+@pytest.mark.parametrize("n,m,d", [(7, 37, 13), (37, 7, 37), (1, 5, 3)])
+def test_supcon_with_reference_set_float64(backend, n, m, d):
+    feats, ref = make_features(n, m, d, seed=n + m)
+    labels, ref_labels = _class_labels(n, 3), _class_labels(m, 3, seed=9)
+    conform(lambda f, r, s, backend: ck.supcon_loss(f, labels, s, ref_features=r,
+                                                    ref_labels=ref_labels, backend=backend),
+            lambda f, r, s: reference.supcon_loss(f, labels, s, r, ref_labels), (feats, ref),
+            (10.0,), torch.float64, backend)
+
+
+@pytest.mark.parametrize("labels", [False, True], ids=["diagonal", "labels"])
+@pytest.mark.parametrize("n,d,scale,bias", [(1, 3, 10.0, -10.0), (7, 130, 100.0, -12.5),
+                                            (37, 37, 10.0, 0.0), (257, 7, 30.0, -5.0)])
+def test_siglip_float64(backend, n, d, scale, bias, labels):
+    img, txt = make_features(n, n, d, seed=n + d)
+    lab = _class_labels(n, max(1, n // 3)) if labels else None
+    conform(lambda i, t, s, b, backend: ck.siglip_loss(i, t, s, b, labels=lab, backend=backend),
+            lambda i, t, s, b: reference.siglip_loss(i, t, s, b, lab), (img, txt), (scale, bias),
+            torch.float64, backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("loss", ["nt_xent", "supcon", "siglip"])
+def test_second_wave_low_precision(lowp_backend, loss, dtype):
+    if lowp_backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the interpreter upcasts bfloat16 (covered by the fp32 case)")
+    if loss == "nt_xent":
+        a, b = _views(37, 20, dtype=dtype, seed=3)
+        conform(lambda a, b, s, backend: ck.nt_xent_loss(a, b, s, backend=backend),
+                reference.nt_xent_loss, (a, b), (10.0,), dtype, lowp_backend)
+    elif loss == "supcon":
+        f, _ = make_features(70, 1, 20, dtype=dtype, seed=4)
+        lab = _class_labels(70, 7)
+        conform(lambda f, s, backend: ck.supcon_loss(f, lab, s, backend=backend),
+                lambda f, s: reference.supcon_loss(f, lab, s), (f,), (10.0,), dtype, lowp_backend)
+    else:
+        i, t = make_features(37, 37, 20, dtype=dtype, seed=5)
+        conform(lambda i, t, s, b, backend: ck.siglip_loss(i, t, s, b, backend=backend),
+                reference.siglip_loss, (i, t), (10.0, -5.0), dtype, lowp_backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# rounding, scale 100, degenerate batches
+# ---------------------------------------------------------------------------------------------
+
+def test_per_row_cross_entropy_is_never_negative(lowp_backend):
+    # The positive is the same rounded logit as the tile element that entered the LSE, so
+    # r_i - S_{i,l_i} >= 0 exactly, even at scale 100 in float32, and exactly 0 for N = 1.
+    q, k = make_features(37, 130, 37, norm=3.0, dtype=torch.float32, seed=12)
+    per = ck.info_nce(q.float(), k.float(), 100.0, reduction="none", backend=lowp_backend)
+    assert bool((per >= 0).all()), float(per.min())
+    one = ck.clip_loss(q[:1].float(), k[:1].float(), 100.0, reduction="none", backend=lowp_backend)
+    assert float(one) == 0.0
+    a, b = _views(37, 37, dtype=torch.float32)
+    nt = ck.nt_xent_loss(a.float(), b.float(), 100.0, reduction="none", backend=lowp_backend)
+    assert bool((nt >= 0).all()), float(nt.min())
+
+
+@pytest.mark.parametrize("loss", ["nt_xent", "supcon", "siglip"])
+def test_finite_at_scale_100_unnormalised_float32(lowp_backend, loss):
+    g = torch.Generator().manual_seed(13)
+    x = (3 * torch.randn(37, 20, generator=g)).requires_grad_()
+    y = (3 * torch.randn(37, 20, generator=g)).requires_grad_()
+    s = torch.tensor(100.0, requires_grad=True)
+    if loss == "nt_xent":
+        out = ck.nt_xent_loss(x, y, s, backend=lowp_backend)
+    elif loss == "supcon":
+        out = ck.supcon_loss(x, _class_labels(37, 4), s, backend=lowp_backend)
+    else:
+        out = ck.siglip_loss(x, y, s, -12.5, backend=lowp_backend)
+    out.backward()
+    assert math.isfinite(float(out))
+    for t in (x, y, s):
+        if t.grad is not None:
+            assert bool(torch.isfinite(t.grad).all())
+
+
+@pytest.mark.parametrize("labels", ["all-distinct", "one-class", "single-row"])
+def test_supcon_without_positive_or_negative_pairs_is_zero_with_zero_gradient(backend, labels):
+    n = 1 if labels == "single-row" else 9
+    f = torch.nn.functional.normalize(torch.randn(n, 5, dtype=torch.float64), dim=1).requires_grad_()
+    lab = torch.arange(n) if labels == "all-distinct" else torch.zeros(n, dtype=torch.int64)
+    s = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
+    loss = ck.supcon_loss(f, lab, s, backend=backend)
+    loss.backward()
+    assert float(loss) == 0.0
+    assert torch.equal(f.grad, torch.zeros_like(f)) and float(s.grad) == 0.0
+    per = ck.supcon_loss(f.detach(), lab, 10.0, reduction="none", backend=backend)
+    assert torch.equal(per, torch.zeros(n, dtype=torch.float64))
