@@ -1,11 +1,11 @@
 """Benchmark entry point for a source checkout: the same as ``contrastive-kernels bench``.
 
 Every option and configuration lives in ``contrastive_kernels/bench/`` (``--help``, ``--list``);
-this file only makes ``python benchmarks/bench_clip.py ...`` work without installing.
+this file only makes ``python benchmarks/bench.py ...`` work without installing.
 
-    python benchmarks/bench_clip.py --quick
-    python benchmarks/bench_clip.py --n 8192 --providers dense,open_clip,cpu --repeats 9
-    python benchmarks/bench_clip.py cpu-tune           # tile sizes of the native CPU kernels
+    python benchmarks/bench.py --quick
+    python benchmarks/bench.py --n 8192 --providers dense,open_clip,cpu --repeats 9
+    python benchmarks/bench.py cpu-tune           # tile sizes of the native CPU kernels
 """
 import os
 import sys

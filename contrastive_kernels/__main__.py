@@ -16,9 +16,9 @@ EXPERIMENTS = {
                   "known optimum θ* = 1: minibatch InfoNCE vs the Gamma/EMA estimators (P1)",
                   "~2 min; --quick: seconds"),
     "digits": ("contrastive_kernels.experiments.digits",
-               "self-supervised digits across batch sizes, linear probe (P1)", "~3 min; --quick: seconds"),
+               "self-supervised digits across batch sizes, linear probe (P1)", "~2 min; --quick: seconds"),
     "modality": ("contrastive_kernels.experiments.modality",
-                 "information gap between two modalities: P2's regularisers", "~4 min; --quick: seconds"),
+                 "information gap between two modalities: P2's regularisers", "~3 min; --quick: seconds"),
 }
 
 

@@ -12,10 +12,6 @@ from contrastive_kernels import reference
 
 IN_CI = bool(os.environ.get("CI"))
 
-# Backends that run on CPU tensors in this suite (triton has its own test file).
-CPU_BACKENDS = ("reference", "chunked", "cpu")
-FUSED_CPU_BACKENDS = ("chunked", "cpu")
-
 
 def backend_availability(name: str) -> tuple[bool, str]:
     """``ck.availability`` that turns an exception (e.g. a missing loader module) into a reason."""

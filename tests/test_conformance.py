@@ -524,7 +524,7 @@ def test_finite_at_scale_100_unnormalised_float32(lowp_backend, loss):
     else:
         out = ck.siglip_loss(x, y, s, -12.5, backend=lowp_backend)
     out.backward()
-    assert math.isfinite(float(out))
+    assert math.isfinite(float(out.detach()))
     for t in (x, y, s):
         if t.grad is not None:
             assert bool(torch.isfinite(t.grad).all())

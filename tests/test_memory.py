@@ -199,3 +199,39 @@ def test_65536_fused_in_under_1_5_gib(loss, d, control_65536_by_16384):
                                      warmup="run(64)", timeout=3600)
     assert out["extra_bytes"] < 1.5 * 1024 * MIB, out
     print(f"{loss} N=M=65536 D={d}: {out['extra_bytes'] / MIB:.0f} MiB extra, {out['seconds']:.0f} s")
+
+
+_STEP_SETUP = """
+import torch
+import contrastive_kernels as ck
+torch.manual_seed(0)
+B, cached = 16384, {cached}
+towers = [torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 1024),
+                              torch.nn.GELU(), torch.nn.Linear(1024, 256)) for _ in range(2)]
+scale = torch.tensor(14.0, requires_grad=True)
+loss_fn = ck.ClipLoss()
+encode = [lambda x, t=t: torch.nn.functional.normalize(t(x), dim=-1) for t in towers]
+
+def step(a, b):
+    if cached:
+        return float(ck.GradCache(encode, loss_fn, 512, modules=towers)(a, b, logit_scale=scale))
+    loss = loss_fn(encode[0](a), encode[1](b), scale)
+    loss.backward()
+    return float(loss)
+
+x_img, x_txt = torch.randn(B, 1024), torch.randn(B, 1024)
+"""
+
+
+@pytest.mark.slow
+def test_grad_cache_whole_step_memory_at_16384(control_16384):
+    # a whole training step (two 3-layer MLP towers of width 1024, ck.ClipLoss) at B = 16384 with
+    # chunk 512 takes at most 0.3× the plain step's peak memory (the acceptance figure of GradCache)
+    plain, cached = (_memprobe.peak_extra_bytes("result = step(x_img, x_txt)",
+                                                setup=_STEP_SETUP.format(cached=c),
+                                                warmup="step(x_img[:64], x_txt[:64])", timeout=1800)
+                     for c in (False, True))
+    ratio = cached["extra_bytes"] / plain["extra_bytes"]
+    print(f"B=16384: plain {plain['extra_bytes'] / MIB:.0f} MiB, cached {cached['extra_bytes'] / MIB:.0f} "
+          f"MiB, ratio {ratio:.3f}")
+    assert ratio <= 0.3, (plain, cached)

@@ -417,3 +417,41 @@ def test_gpu_no_quadratic_memory():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert extra < N * M // 4, f"{extra / 2**20:.0f} MiB extra: an O(N·M) buffer crept in"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("D", [128, 512])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_gpu_second_wave_families(dtype, D):
+    # SupCon (self-excluded class positives), NT-Xent (exclusion + labels) and SigLIP (the sigmoid
+    # family) through the public API at N = 8192 against the float64 chunked backend on the GPU
+    import contrastive_kernels as ck
+    N = 8192
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(N, D, device="cuda", generator=g), dim=1)
+    y = torch.nn.functional.normalize(torch.randn(N, D, device="cuda", generator=g) + 0.3 * x, dim=1)
+    labels = torch.randint(0, N // 8, (N,), device="cuda", generator=g)
+    cases = {
+        "supcon": lambda a, b, s, be: ck.supcon_loss(a, labels, s, backend=be),
+        "nt_xent": lambda a, b, s, be: ck.nt_xent_loss(a, b, s, backend=be),
+        "siglip": lambda a, b, s, be: ck.siglip_loss(a, b, s, -10.0, backend=be),
+    }
+    stat_tol, grad_tol = GPU_TOL[dtype]
+    if dtype == torch.float32 and tl_lse.fp32_matmul_uses_tf32():
+        stat_tol = 2e-3
+    for name, fn in cases.items():
+        outs = []
+        for be, dt in (("triton", dtype), ("chunked", torch.float64)):
+            a, b = x.to(dt).requires_grad_(), y.to(dt).requires_grad_()
+            s = torch.tensor(10.0, device="cuda", dtype=torch.float32 if dt != torch.float64
+                             else torch.float64, requires_grad=True)
+            loss = fn(a, b, s, be)
+            loss.backward()
+            outs.append((loss.detach(), a.grad, b.grad if b.grad is not None else torch.zeros_like(b), s.grad))
+        (lo, ga, gb, gs), (lr, ra, rb, rs) = outs
+        assert bool(torch.isfinite(lo)), name
+        assert _rel(lo, lr) < stat_tol, f"{name} loss [{dtype}]: {_rel(lo, lr):.2e}"
+        for what, o, r in (("grad a", ga, ra), ("grad b", gb, rb), ("grad scale", gs, rs)):
+            if float(r.abs().max()) > 0:
+                assert _rel(o, r) < grad_tol, f"{name} {what} [{dtype}]: {_rel(o, r):.2e}"

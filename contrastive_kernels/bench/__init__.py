@@ -301,7 +301,8 @@ def main(argv=None) -> int:
     first = points[0]
     ns = sorted({pt.n for pt in points})
     nspec = f"n{ns[0]}" + (f"-{ns[-1]}" if len(ns) > 1 else "")
-    stem = "_".join(x for x in (first.op, args.config, first.dtype, f"d{first.d}", nspec,
+    config_part = "" if args.config == first.op else args.config
+    stem = "_".join(x for x in (first.op, config_part, first.dtype, f"d{first.d}", nspec,
                                 device_name(device).split(" (")[0].replace(" ", "-")[:32], args.tag) if x)
     csv_path = args.csv or os.path.join(args.out, stem + ".csv")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0

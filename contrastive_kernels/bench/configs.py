@@ -38,7 +38,8 @@ def _default_providers(op: str, device) -> list:
     """Every peer of the op and every fused backend that can run on this device (not reference)."""
     if device.type == "cpu":  # inf-cl's kernels need CUDA tensors
         return [p for p in PEERS[op] if p != "inf_cl"] + ["ck.chunked", "ck.cpu"]
-    return list(PEERS[op]) + ["ck.triton", "ck.cuda", "ck.chunked"]
+    ours = ["ck.triton", "ck.cuda", "ck.chunked"] if op == "clip" else ["ck.triton", "ck.chunked"]
+    return list(PEERS[op]) + ours  # the cuda backend has the plain log-sum-exp op only
 
 
 def _providers(args, op, device, fallback=None):

@@ -59,10 +59,15 @@ def plot_csv(csv_path: str, png_path: str, title: Optional[str] = None) -> bool:
     for name in sorted(series, key=lambda p: (not p.startswith("ck."), p)):
         pts = sorted(series[name], key=lambda r: int(r["n"]))
         colour, marker = _style(name)
-        ls = "-" if name.startswith("ck.") else "--"
+        # dense and the peers' own code often coincide: dense gets large hollow markers on a dotted
+        # line so that neither hides the other
+        ls = "-" if name.startswith("ck.") else (":" if name == "dense" else "--")
+        mk = dict(marker=marker, color=colour)
+        if name == "dense":
+            mk.update(markersize=10, markerfacecolor="none", markeredgewidth=1.5)
         label = name + ("  (this library)" if name.startswith("ck.") else "")
         ns = [int(r["n"]) for r in pts]
-        ax_t.plot(ns, [float(r["ms_p50"]) for r in pts], ls, marker=marker, color=colour, label=label)
+        ax_t.plot(ns, [float(r["ms_p50"]) for r in pts], ls, label=label, **mk)
         lo = [as_float(r["ms_p20"]) for r in pts]
         hi = [as_float(r["ms_p80"]) for r in pts]
         if all(v is not None for v in lo + hi):
@@ -70,8 +75,7 @@ def plot_csv(csv_path: str, png_path: str, title: Optional[str] = None) -> bool:
         mem = [(int(r["n"]), as_float(r["peak_mem_mb"])) for r in pts]
         mem = [(n, m) for n, m in mem if m is not None and m > 0]
         if mem:
-            ax_m.plot([n for n, _ in mem], [m for _, m in mem], ls, marker=marker, color=colour,
-                      label=label)
+            ax_m.plot([n for n, _ in mem], [m for _, m in mem], ls, label=label, **mk)
     roof = next((r for r in timed if r["provider"] == "gemm_ceiling" and r["dtype"] == first["dtype"]),
                 None)
     if roof and as_float(roof["tflops"]):
@@ -81,9 +85,10 @@ def plot_csv(csv_path: str, png_path: str, title: Optional[str] = None) -> bool:
         floor = [FLOP_FACTOR.get(first["mode"], 8) * logit_shape(first["op"], n)[0]
                  * logit_shape(first["op"], n)[1] * d / rate * 1e3 for n in ns]
         ax_t.plot(ns, floor, ":", color="black", lw=1.2, label="floor at gemm_ceiling rate")
-    ax_t.set(xscale="log", yscale="log", xlabel="N", ylabel="ms (median; band p20–p80)",
+    xlabel = "batch B" if first["op"].startswith("gradcache") else "N"
+    ax_t.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="ms (median; band p20–p80)",
              title=title or f"{first['op']} {first['mode']}, {first['dtype']}, D={first['d']}")
-    ax_m.set(xscale="log", yscale="log", xlabel="N", ylabel="peak extra memory (MiB)",
+    ax_m.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="peak extra memory (MiB)",
              title="peak memory beyond the inputs")
     for ax in (ax_t, ax_m):
         ax.grid(True, which="both", alpha=0.3)

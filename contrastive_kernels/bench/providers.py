@@ -31,6 +31,9 @@ from .. import _peers
 FLOP_FACTOR = {"fwd": 2, "bwd": 6, "fwd_bwd": 8}
 BACKEND_NAMES = ("reference", "chunked", "cpu", "triton", "cuda")
 OPS = ("clip", "siglip", "supcon", "ntxent")
+# what each op family needs of a backend (backends.FEATURES)
+OP_FEATURES = {"clip": "", "siglip": "sigmoid", "supcon": "exclude_self,classes",
+               "ntxent": "exclude_self"}
 PEERS = {
     "clip": ("dense", "open_clip", "inf_cl"),
     "siglip": ("dense", "open_clip_siglip"),
@@ -186,11 +189,12 @@ def _peer(op: str, name: str) -> tuple[Optional[Callable], str]:
             return None, why
         if name == "pml_supcon":
             # PML takes a fixed temperature; a learnable scale is ours only. 1/s of the inputs'.
-            return (lambda f, y, s, _c={}: _c.setdefault(float(s), losses.SupConLoss(
-                temperature=1.0 / float(s)))(f, y)), ""
+            return (lambda f, y, s, _c={}: _c.setdefault(float(s.detach()), losses.SupConLoss(
+                temperature=1.0 / float(s.detach())))(f, y)), ""
 
         def ntxent(a, b, s, _c={}):
-            loss = _c.setdefault(float(s), losses.NTXentLoss(temperature=1.0 / float(s)))
+            t = float(s.detach())
+            loss = _c.setdefault(t, losses.NTXentLoss(temperature=1.0 / t))
             n = a.shape[0]
             labels = torch.arange(n, device=a.device).repeat(2)
             return loss(torch.cat([a, b]), labels)
@@ -206,6 +210,9 @@ def provider_available(op: str, name: str, device: torch.device) -> tuple[bool, 
     if ours(name):
         from .. import backends
         backend = name[3:]
+        lacking = sorted(set(OP_FEATURES[op].split(",")) & backends.MISSING.get(backend, set()) - {""})
+        if lacking:
+            return False, f"backend {backend!r} does not implement {', '.join(lacking)} yet"
         try:
             ok, why = backends.availability(backend)
             if ok:

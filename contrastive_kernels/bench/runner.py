@@ -175,7 +175,9 @@ def memory_cuda(fn: Callable, inputs: tuple, device: torch.device) -> float:
 
 
 def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    return (isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text
+            or "can't allocate memory" in text or "cannot allocate memory" in text)
 
 
 class Runner:

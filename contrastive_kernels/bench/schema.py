@@ -60,10 +60,16 @@ def git_commit() -> str:
     """``CK_COMMIT`` (set where there is no .git, e.g. the GPU machine), else git's short hash."""
     if os.environ.get("CK_COMMIT"):
         return os.environ["CK_COMMIT"]
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
-        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+                             cwd=here, timeout=10)
+        if out.returncode != 0 or not out.stdout.strip():
+            return "unknown"
+        # "+dirty": tracked files differ from the commit (the figures are of the working tree)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=here, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
     except Exception:
         return "unknown"
 

@@ -62,11 +62,11 @@ struct Tiling {
 
 // Tile sizes. BLAS repacks both operands on every call, a cost ∝ (1/rows + 1/cols) of the GEMM
 // (~5% at 512×256), so larger tiles amortise it; the element-wise pass wants the rows×cols tile in
-// L2. Measured with benchmarks/tune_cpu.py on a 2-core AVX-512 EPYC with 1 MiB L2 (D = 128…512,
-// N = 4096…16384): 256…1024 rows × 256…512 columns are all within the ±5% run-to-run noise;
-// 512×256 (a 512 KiB float tile) was the most consistent, 128-row blocks and 1024-column tiles
-// were measurably slower. CK_CPU_BLOCK_ROWS / CK_CPU_BLOCK_COLS override the defaults exactly
-// (tuning, tests).
+// L2. Measured with `contrastive-kernels bench cpu-tune` on a 2-core AVX-512 EPYC with 1 MiB L2
+// (D = 128…512, N = 4096…16384): 256…1024 rows × 256…512 columns are all within the ±5%
+// run-to-run noise; 512×256 (a 512 KiB float tile) was the most consistent, 128-row blocks and
+// 1024-column tiles were measurably slower. CK_CPU_BLOCK_ROWS / CK_CPU_BLOCK_COLS override the
+// defaults exactly (tuning, tests).
 constexpr int64_t kDefaultRows = 512;
 constexpr int64_t kDefaultCols = 256;
 

@@ -128,6 +128,11 @@ def _lse_fwd_kernel(
         lab = tl.load(labels_ptr + rows, mask=row_valid, other=-1)
     else:
         lab = rows
+    if not HAS_CLASSES:
+        # the column range holding this block's positives: only the tiles that cross it pay for
+        # the positive's compare-and-select (one or two tiles on the diagonal)
+        lab_lo = tl.min(tl.where(row_valid, lab, M), axis=0)
+        lab_hi = tl.max(tl.where(row_valid, lab, -1), axis=0) + 1
     pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
 
     col_lo = pid_s * cols_per_split  # cols_per_split is a multiple of every BLOCK_N
@@ -158,9 +163,10 @@ def _lse_fwd_kernel(
             cc = tl.load(cclass_ptr + cols, mask=col_valid, other=0)
             hit = keep & (rc[:, None] == cc[None, :])
             cnt += tl.sum(hit.to(tl.float32), axis=1)
-        else:  # an excluded element is never a positive: keep, not just col_valid
-            hit = keep & (lab[:, None] == cols[None, :])
-        pos += tl.sum(tl.where(hit, ss, 0.0), axis=1)
+            pos += tl.sum(tl.where(hit, ss, 0.0), axis=1)
+        elif (n0 < lab_hi) & (n0 + BLOCK_N > lab_lo):
+            hit = keep & (lab[:, None] == cols[None, :])  # never on an excluded element
+            pos += tl.sum(tl.where(hit, ss, 0.0), axis=1)
         if COMPUTE_COL:
             # column statistic of this tile over this block's rows: the second exp per element
             ckeep = row_valid[:, None]
