@@ -129,10 +129,11 @@ def summary(rows: list, file=sys.stdout) -> None:
     lines = []
     if ours:
         best = min(ours, key=lambda r: r["ms_p50"])
-        lines.append(f"headline (clip fwd_bwd {HEADLINE['dtype']} N=M={HEADLINE['n']} "
-                     f"D={HEADLINE['d']}), best backend {best['provider']}: {best['ms_p50']:.2f} ms")
+        label = "headline" + (" (dry run, tiny sizes)" if dry else "")
+        lines.append(f"{label} (clip fwd_bwd {key[1]} N=M={key[2]} D={key[3]}), "
+                     f"best backend {best['provider']}: {best['ms_p50']:.2f} ms")
         if best.get("pct_roof") is not None:
-            lines.append(f"  fraction of the same run's {HEADLINE['dtype']} matmul rate: "
+            lines.append(f"  fraction of the same run's {key[1]} matmul rate: "
                          f"{best['pct_roof']:.1f}%  (target >= 60%)")
         for peer, target in (("dense", 2.0), ("inf_cl", 1.5)):
             o = by.get(key + (peer,))
