@@ -7,8 +7,8 @@ one memory probe (``contrastive_kernels._memprobe``) — and named configuration
 ``gpu-variants``), CPU tile tuning, and the SigLIP / SupCon / NT-Xent comparisons;
 ``gradcache`` (whole training steps) is its own entry point in ``bench.gradcache``.
 
-    contrastive-kernels bench                       # the main job: clip fwd+bwd vs dense (~7 min, 2 cores)
-    contrastive-kernels bench --quick               # the same in ~20 s (N = 256, 512)
+    contrastive-kernels bench                       # the main job: clip fwd+bwd vs dense (~9 min, 2 cores)
+    contrastive-kernels bench --quick               # the same in ~1 min (N = 256, 512)
     contrastive-kernels bench --n 8192 --providers dense,open_clip,cpu --repeats 9
     contrastive-kernels bench headline --out $OUT   # on a GPU
     contrastive-kernels bench --list                # every configuration
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", default=None, help="exact CSV path (default <out>/<stem>.csv)")
     p.add_argument("--append", action="store_true", help="append to --csv instead of replacing it")
     p.add_argument("--tag", default="", help="added to the file stem, so runs do not overwrite each other")
-    p.add_argument("--quick", action="store_true", help="smoke run: N 256 512, 2 repeats (~20 s)")
+    p.add_argument("--quick", action="store_true", help="smoke run: N 256 512, 2 repeats (~1 min)")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny sizes on the CPU: the GPU kit's plumbing check")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")

@@ -125,23 +125,24 @@ def _family(op, cpu_n, default_d):
 
 CONFIGS = {c.name: c for c in [
     Config("sweep", "clip (or --op) fwd+bwd vs N against dense and the peers: the main job",
-           _sweep, minutes="~7 min on 2 CPU cores; --quick: ~20 s"),
+           _sweep, minutes="~9 min on 2 CPU cores; --quick: ~1 min"),
     Config("headline", "GPU acceptance point: clip fwd_bwd/fwd/bwd, bf16, N=M=32768, D=512",
-           _headline, repeats=10, warmup=2, minutes="~1.5 min on an H100"),
+           _headline, repeats=10, warmup=2, minutes="~1.5 min on an H100 (estimate)"),
     Config("huge", "one clip fwd+bwd at N=M=2^20, D=512, bf16 per GPU backend (triton first)",
-           _huge, repeats=1, warmup=0, timer="events", minutes="~10-30 s per backend"),
+           _huge, repeats=1, warmup=0, timer="events", minutes="~10-30 s per backend (estimate)"),
     Config("gpu-sweep", "clip fwd_bwd at N in 8192..65536, bf16 and fp32, D=512 (GPU)",
-           _gpu_sweep, repeats=5, warmup=1, minutes="~2-4 min on an H100"),
+           _gpu_sweep, repeats=5, warmup=1, minutes="~2-4 min on an H100 (estimate)"),
     Config("gpu-variants", "Triton host-choice variants at the headline point",
-           _gpu_variants, repeats=5, warmup=1, memory=False, minutes="~1 min"),
+           _gpu_variants, repeats=5, warmup=1, memory=False, minutes="~1 min on a GPU (estimate)"),
     Config("cpu-tune", "tile sizes of the native CPU kernels (CK_CPU_BLOCK_ROWS/COLS)",
-           _cpu_tune, repeats=5, warmup=1, memory=False, minutes="~3 min at N=8192"),
+           _cpu_tune, repeats=5, warmup=1, memory=False, minutes="~3 min at N=8192 (estimate)"),
     Config("siglip", "sigmoid loss fwd+bwd vs N: ck vs open_clip's SigLipLoss and dense",
-           _family("siglip", (1024, 2048, 4096, 8192), 256), minutes="~6 min on 2 CPU cores"),
+           _family("siglip", (1024, 2048, 4096, 8192), 256), minutes="~4 min on 2 CPU cores"),
     Config("supcon", "SupCon fwd+bwd vs N: ck vs pytorch-metric-learning and dense",
-           _family("supcon", (1024, 2048, 4096, 8192), 128), minutes="~5 min on 2 CPU cores"),
+           _family("supcon", (1024, 2048, 4096, 8192), 128), minutes="~4 min on 2 CPU cores"),
     Config("ntxent", "SimCLR NT-Xent fwd+bwd vs N (2N views): ck vs pytorch-metric-learning",
-           _family("ntxent", (512, 1024, 2048, 4096), 128), minutes="~4 min on 2 CPU cores"),
+           _family("ntxent", (512, 1024, 2048, 4096), 128),
+           minutes="~9 min on 2 CPU cores, most of it PML at N=512"),
 ]}
 
 
