@@ -108,7 +108,17 @@ def check_pairs(what: str, name_a: str, a: Tensor, name_b: str, b: Tensor) -> No
 
 def _scalar_tensor(name: str, value, like: Tensor, *, positive: bool) -> Tensor:
     """A one-element scale/bias as a 0-d tensor in the statistic dtype on ``like``'s device,
-    differentiable when it is a tensor that requires grad."""
+    differentiable when it is a tensor that requires grad.
+
+    Never a blocking transfer (the no-sync rule of this module's docstring): a value that lives
+    on the host (Python or NumPy number, CPU tensor without grad) is checked there and
+    written on the device by a fill kernel (``torch.full``: the value travels as a kernel argument,
+    no copy); ``torch.tensor(v, device=cuda)`` would instead stage a host-to-device copy that waits
+    for the stream on every step. A CPU tensor that requires grad must stay in the graph, so it is
+    copied with ``non_blocking=True`` (queued, not waited for); its gradient comes back to the CPU
+    in the backward, a device-to-host read by nature — keep a learnable scale on the device (as
+    open_clip's model does) to avoid it. A tensor already on the device is used as it is.
+    """
     st = stat_dtype(like.dtype)
     rule = "finite and > 0" if positive else "finite"
 
@@ -121,19 +131,23 @@ def _scalar_tensor(name: str, value, like: Tensor, *, positive: bool) -> Tensor:
             raise ValueError(f"{name} must hold one value, got shape {tuple(value.shape)}")
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-        # A CPU scalar is moved to the features' device (an asynchronous copy); any other
-        # mismatch is an error.
         if value.device != like.device and value.device.type != "cpu":
             raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")
-        if reads_values(value):
+        host_value = reads_values(value)
+        if host_value:
             check_value(float(value.detach().reshape(())))
-        return value.reshape(()).to(device=like.device, dtype=st)
+        if value.device == like.device:
+            return value.reshape(()).to(dtype=st)
+        if value.requires_grad or not host_value:
+            # stays differentiable (or has no readable value: a fake CPU tensor)
+            return value.reshape(()).to(device=like.device, dtype=st, non_blocking=True)
+        return torch.full((), float(value.reshape(())), dtype=st, device=like.device)
     # NumPy floating/integer scalars (np.float32(14.3)) are numbers.Real; bool is not a scale.
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
     v = float(value)
     check_value(v)
-    return torch.tensor(v, dtype=st, device=like.device)
+    return torch.full((), v, dtype=st, device=like.device)
 
 
 def scale_tensor(logit_scale, like: Tensor) -> Tensor:

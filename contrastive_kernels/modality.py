@@ -24,6 +24,7 @@ and device; losses are float32 (float64 for float64 inputs); bad input raises ``
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Union
 
 import torch
@@ -219,28 +220,28 @@ def _bridge_time(t, n: int, like: Tensor, generator: Optional[torch.Generator]) 
         return u.clamp_min(torch.finfo(st).tiny)[:, None]
     if generator is not None:
         raise ValueError("generator is only used with t='uniform'")
-    if isinstance(t, bool) or not isinstance(t, (float, int, Tensor)):
+    # NumPy scalars are numbers.Real too; bool is not a time
+    if isinstance(t, bool) or not isinstance(t, (numbers.Real, Tensor)):
         raise TypeError(f"t must be a float in (0, 1), an (N,) tensor or 'uniform', got "
                         f"{type(t).__name__}")
     if isinstance(t, Tensor):
         if not t.is_floating_point():
             raise TypeError(f"t must be a floating-point tensor, got {t.dtype}")
-        if t.dim() == 0:
-            tt = t.to(device=like.device, dtype=st)
-        elif t.shape == (n,):
-            tt = t.to(device=like.device, dtype=st)[:, None]
-        else:
+        if t.dim() not in (0, 1) or (t.dim() == 1 and t.shape != (n,)):
             raise ValueError(f"a tensor t must be 0-d or have shape ({n},) (one time per row), got "
                              f"{tuple(t.shape)}")
-        if not torch.compiler.is_compiling():
+        # range check only where the values are on the host (a device read would stall the step)
+        if _checks.reads_values(t):
             lo, hi = float(t.detach().min()), float(t.detach().max())
             if not (0.0 < lo and hi < 1.0):  # also rejects NaN
                 raise ValueError(f"t must lie in the open interval (0, 1), got values in [{lo}, {hi}]")
-        return tt
+        # a CPU tensor is queued to the device, never waited for
+        tt = t.to(device=like.device, dtype=st, non_blocking=True)
+        return tt if t.dim() == 0 else tt[:, None]
     value = float(t)
     if not 0.0 < value < 1.0:
         raise ValueError(f"t must lie in the open interval (0, 1), got {value}")
-    return torch.tensor(value, dtype=st, device=like.device)
+    return torch.full((), value, dtype=st, device=like.device)
 
 
 def brownian_bridge_loss(image_features: Tensor, text_features: Tensor, image_aug: Tensor,
