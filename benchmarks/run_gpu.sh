@@ -177,22 +177,18 @@ step_build() {
   run 60 "$PY" -m contrastive_kernels info
 }
 
-step_tests_cuda() {
-  step "CUDA C++ GPU tests (no Triton compilation)"
-  local C; C=$(cap 120 240 20)
-  if (( C > 0 )); then pytest_block tests_cuda "$C"; else skipped tests_cuda; fi
+test_step() {  # NAME WANT RESERVE MIN TITLE
+  step "$5"
+  local C; C=$(cap "$2" "$3" "$4")
+  if (( C > 0 )); then pytest_block "$1" "$C"; else skipped "$1"; fi
 }
-
+step_tests_cuda() { test_step tests_cuda 150 240 20 "CUDA C++ GPU tests (no Triton compilation)"; }
 step_tests_families() {
-  step "every family's GPU tests on Triton (sync-debug step first), CUDA vs Triton"
-  local C; C=$(cap 240 150 30)
-  if (( C > 0 )); then pytest_block tests_families "$C"; else skipped tests_families; fi
+  test_step tests_families 240 150 30 \
+    "every family's GPU tests on Triton (sync-debug step first), CUDA vs Triton"
 }
-
 step_tests_large() {
-  step "Triton at the headline sizes N=M=32768 D=512 (bf16, fp16, fp32)"
-  local C; C=$(cap 90 130 20)
-  if (( C > 0 )); then pytest_block tests_large "$C"; else skipped tests_large; fi
+  test_step tests_large 90 130 20 "Triton at the headline sizes N=M=32768 D=512 (bf16, fp16, fp32)"
 }
 
 step_headline() {
