@@ -55,7 +55,7 @@ class Ring:
     harmless for gloo): every rank posts its sends to ``next`` in the same sequence as it posts
     its receives from ``prev``, and each stream has its own tag."""
 
-    KEYS, STATS, ACC = 1, 2, 3
+    ACC, PACKET = 1, 2  # tags: the accumulator stream; packet element i uses PACKET + i
 
     def __init__(self, group):
         self.group = group
@@ -91,46 +91,61 @@ def all_gather_varlen(t: Tensor, lengths: Sequence[int], group) -> Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, lengths)]).to(t.device)
 
 
-def ring_visit(ring: Ring, sizes: Sequence[tuple[int, int, int]], keys: Tensor, visit) -> None:
-    """Visit every rank's key block once around the ring.
+def ring_visit(ring: Ring, packet: Sequence[Tensor], receive, visit) -> None:
+    """Visit every rank's block once around the ring.
 
-    At step k this rank holds the block of rank ``b = r − k`` and calls ``visit(b, block)`` while
-    the next block is already being received from ``prev`` (one block in flight: O(M_b·D) memory).
-    ``sizes``: (N, M, D) of every rank (:func:`exchange_sizes`).
+    ``packet``: this rank's own block, a list of tensors (the keys, and whatever travels with
+    them); ``receive(b)`` returns empty tensors shaped like rank b's packet. At step k this rank
+    holds the packet of rank ``b = r − k`` and calls ``visit(b, *packet_b)`` while the next packet
+    is already being received from ``prev`` (one in flight: O(M_b·D) memory).
     """
-    cur = keys
-    d = keys.shape[1]
+    cur = list(packet)
     for k in range(ring.world):
         b = (ring.rank - k) % ring.world
         works, nxt = [], None
         if k < ring.world - 1:
-            nxt = keys.new_empty((sizes[(b - 1) % ring.world][1], d))
-            works = ring.exchange([(cur, nxt, Ring.KEYS)])
-        visit(b, cur)
+            nxt = receive((b - 1) % ring.world)
+            works = ring.exchange([(c, x, Ring.PACKET + i)
+                                   for i, (c, x) in enumerate(zip(cur, nxt))])
+        visit(b, *cur)
         wait_all(works)
         if nxt is not None:
             cur = nxt
 
 
-def ring_visit_with_gradients(ring: Ring, sizes: Sequence[tuple[int, int, int]], keys: Tensor,
-                              visit, grad_dtype: torch.dtype) -> Tensor:
-    """:func:`ring_visit` for a backward: ``visit(b, block)`` returns this rank's gradient of block
-    b's keys (M_b, D), which is added to an accumulator travelling behind the block; after W hops
-    each accumulator is home. Returns the total gradient of this rank's own keys (sum over every
-    rank's contribution)."""
-    d = keys.shape[1]
+def ring_visit_accumulating(ring: Ring, packet: Sequence[Tensor], receive, visit, receive_acc,
+                            combine) -> Tensor:
+    """:func:`ring_visit` with an accumulator per block travelling behind it.
+
+    ``visit(b, *packet_b)`` returns this rank's contribution to block b's accumulator;
+    ``combine(incoming, contribution)`` merges it with what the ranks that held block b before
+    contributed (a sum for key gradients, a ``logaddexp`` for column statistics);
+    ``receive_acc(b)`` returns an empty accumulator of block b. After W hops every accumulator is
+    home: returns this rank's own, complete over every rank's contribution.
+    """
     acc_in, acc_works = None, []
 
-    def visit_and_pass(b, block):
+    def visit_and_pass(b, *blocks):
         nonlocal acc_in, acc_works
-        gk = visit(b, block).to(grad_dtype)
+        contribution = visit(b, *blocks)
         if acc_in is not None:
-            # accumulator of block b, holding the terms of the ranks that held it before
             wait_all(acc_works)
-            gk = acc_in.add_(gk)
-        acc_in = keys.new_empty((sizes[(b - 1) % ring.world][1], d), dtype=grad_dtype)
-        acc_works = ring.exchange([(gk, acc_in, Ring.ACC)])
+            contribution = combine(acc_in, contribution)
+        acc_in = receive_acc((b - 1) % ring.world)
+        acc_works = ring.exchange([(contribution, acc_in, Ring.ACC)])
 
-    ring_visit(ring, sizes, keys, visit_and_pass)
+    ring_visit(ring, packet, receive, visit_and_pass)
     wait_all(acc_works)
     return acc_in
+
+
+def key_blocks(sizes: Sequence[tuple[int, int, int]], keys: Tensor, dtype=None):
+    """``receive_acc`` for an accumulator shaped like rank b's keys: an empty (M_b, D) tensor.
+    ``sizes``: (N, M, D) of every rank (:func:`exchange_sizes`)."""
+    return lambda b: keys.new_empty((sizes[b][1], keys.shape[1]), dtype=dtype)
+
+
+def key_packets(sizes: Sequence[tuple[int, int, int]], keys: Tensor):
+    """``receive`` for a packet of keys alone: ``[empty (M_b, D)]`` of rank b."""
+    block = key_blocks(sizes, keys)
+    return lambda b: [block(b)]

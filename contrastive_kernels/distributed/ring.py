@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from .. import _checks, backends, ops
 from .._types import stat_dtype
-from ._comm import Ring, exchange_sizes, require_initialized, wait_all
+from ._comm import (Ring, exchange_sizes, key_packets, require_initialized, ring_visit,
+                    ring_visit_accumulating)
 
 
 def _block_labels(n: int, m: int, diagonal: bool, device) -> Optional[Tensor]:
@@ -48,40 +49,27 @@ class _RingLSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, keys, scale, compute_col, backend, group, sizes, exact_scale_grad):
         ring = Ring(group)
-        w, r = ring.world, ring.rank
-        n, d = query.shape
+        n = query.shape[0]
         st = stat_dtype(query.dtype)
-        row = pos = col_in = None
-        col_works: list = []
-        cur = keys
-        for k in range(w):
-            b = (r - k) % w                      # owner of the key block held at this step
-            key_works, nxt = [], None
-            if k < w - 1:                        # prefetch the next block while computing this one
-                nxt = query.new_empty((sizes[(b - 1) % w][1], d))
-                key_works = ring.exchange([(cur, nxt, ring.KEYS)])
-            rb, cb, pb, _ = ops.lse_fwd(query, cur, scale,
-                                        _block_labels(n, cur.shape[0], b == r, query.device),
-                                        None, None, False, compute_col, backend)
+        row = pos = None
+
+        def visit(b, block):
+            nonlocal row, pos
+            labels = _block_labels(n, block.shape[0], b == ring.rank, query.device)
+            rb, cb, pb, _ = ops.lse_fwd(query, block, scale, labels, None, None, False, compute_col,
+                                        backend)
             row = rb if row is None else torch.logaddexp(row, rb)
-            if b == r:
+            if b == ring.rank:
                 pos = pb
-            if compute_col:
-                # Column accumulator of block b: LSE over the rows of ranks b..r once merged.
-                if k > 0:
-                    wait_all(col_works)
-                    cb = torch.logaddexp(col_in, cb)
-                # Pass it on; receive the accumulator of the block we hold next (after the last
-                # step, that is our own block's, complete: it has visited every rank).
-                col_in = row.new_empty((sizes[(b - 1) % w][1],))
-                col_works = ring.exchange([(cb, col_in, ring.STATS)])
-            wait_all(key_works)
-            if nxt is not None:
-                cur = nxt
+            return cb
+
         if compute_col:
-            wait_all(col_works)
-            col = col_in
+            # block b's column LSE travels with it, merged over the rows of every rank it visits
+            col = ring_visit_accumulating(ring, [keys], key_packets(sizes, keys), visit,
+                                          lambda b: query.new_empty((sizes[b][1],), dtype=st),
+                                          torch.logaddexp)
         else:
+            ring_visit(ring, [keys], key_packets(sizes, keys), visit)
             col = query.new_empty((0,), dtype=st)
         ctx.save_for_backward(query, keys, scale, row, col)
         ctx.compute_col, ctx.backend, ctx.group, ctx.sizes = compute_col, backend, group, sizes
@@ -92,15 +80,20 @@ class _RingLSE(torch.autograd.Function):
     def backward(ctx, grad_row, grad_col, grad_pos):
         query, keys, scale, row_lse, col_lse = ctx.saved_tensors
         ring = Ring(ctx.group)
-        w, r = ring.world, ring.rank
         n, d = query.shape
         st = row_lse.dtype
         sizes, compute_col = ctx.sizes, ctx.compute_col
         grad_row = grad_row.to(st).contiguous()
         grad_pos = grad_pos.to(st).contiguous()
         # The block packet: the keys plus, for the column terms, [global col LSE; owner's grad_col].
-        cur_k = keys
-        cur_stats = torch.stack([col_lse, grad_col.to(st)]) if compute_col else None
+        packet = [keys]
+        if compute_col:
+            packet.append(torch.stack([col_lse, grad_col.to(st)]))
+
+        def receive(b):
+            m = sizes[b][1]
+            return [query.new_empty((m, d))] + ([row_lse.new_empty((2, m))] if compute_col else [])
+
         grad_q = torch.zeros(n, d, dtype=st, device=query.device)
         # exact: split each block's Σ G·S into the part of this rank's loss (row and positive
         # terms of our rows) and the part of the key owner's loss (column terms), which travels
@@ -109,55 +102,41 @@ class _RingLSE(torch.autograd.Function):
         exact = ctx.exact_scale_grad and ctx.needs_input_grad[2] and compute_col
         q_st = query.to(st)
         own_share = row_lse.new_zeros(())
-        acc_in, acc_works = None, []
-        for k in range(w):
-            b = (r - k) % w
-            pkt_works, nxt_k, nxt_stats = [], None, None
-            if k < w - 1:
-                m_next = sizes[(b - 1) % w][1]
-                nxt_k = query.new_empty((m_next, d))
-                pairs = [(cur_k, nxt_k, ring.KEYS)]
-                if compute_col:
-                    nxt_stats = row_lse.new_empty((2, m_next))
-                    pairs.append((cur_stats, nxt_stats, ring.STATS))
-                pkt_works = ring.exchange(pairs)
-            labels = _block_labels(n, cur_k.shape[0], b == r, query.device)
-            col_lse_b = cur_stats[0] if compute_col else row_lse.new_empty(0)
-            grad_col_b = cur_stats[1] if compute_col else None
-            grad_pos_b = grad_pos if b == r else None
+
+        def visit(b, block, stats=None):
+            nonlocal own_share, grad_q
+            labels = _block_labels(n, block.shape[0], b == ring.rank, query.device)
+            col_lse_b = stats[0] if compute_col else row_lse.new_empty(0)
+            grad_col_b = stats[1] if compute_col else None
+            grad_pos_b = grad_pos if b == ring.rank else None
             if exact:
-                gq, gk = ops.lse_bwd(query, cur_k, scale, labels, None, None, False, row_lse,
+                gq, gk = ops.lse_bwd(query, block, scale, labels, None, None, False, row_lse,
                                      col_lse_b, grad_row, None, grad_pos_b, ctx.backend)
-                gq_col, gk_col = ops.lse_bwd(query, cur_k, scale, labels, None, None, False,
+                gq_col, gk_col = ops.lse_bwd(query, block, scale, labels, None, None, False,
                                              row_lse, col_lse_b, None, grad_col_b, None,
                                              ctx.backend)
                 own_share += (gq * q_st).sum()
                 owner_share = (gq_col * q_st).sum()
-                gq += gq_col
-                gk = torch.cat([gk.add_(gk_col).reshape(-1), owner_share.reshape(1)])
-            else:
-                gq, gk = ops.lse_bwd(query, cur_k, scale, labels, None, None, False, row_lse,
-                                     col_lse_b, grad_row, grad_col_b, grad_pos_b, ctx.backend)
+                grad_q += gq + gq_col
+                return torch.cat([gk.add_(gk_col).reshape(-1), owner_share.reshape(1)])
+            gq, gk = ops.lse_bwd(query, block, scale, labels, None, None, False, row_lse,
+                                 col_lse_b, grad_row, grad_col_b, grad_pos_b, ctx.backend)
             grad_q += gq
-            if k > 0:
-                # Key-gradient accumulator of block b, holding the terms of ranks b..r−1.
-                wait_all(acc_works)
-                gk = acc_in.add_(gk)
-            m_next_acc = sizes[(b - 1) % w][1]
-            acc_in = row_lse.new_empty((m_next_acc * d + 1,) if exact else (m_next_acc, d))
-            acc_works = ring.exchange([(gk, acc_in, ring.ACC)])
-            wait_all(pkt_works)
-            if nxt_k is not None:
-                cur_k, cur_stats = nxt_k, nxt_stats
-        wait_all(acc_works)
-        # Our own keys' gradient, home after W hops (in exact mode followed by the column share
-        # of our loss that the other ranks computed).
-        grad_k = acc_in[:-1].view(keys.shape[0], d) if exact else acc_in
+            return gk
+
+        def receive_acc(b):
+            m = sizes[b][1]
+            return row_lse.new_empty((m * d + 1,) if exact else (m, d))
+
+        # Block b's key-gradient accumulator travels behind it and reaches its owner after W hops
+        # (in exact mode followed by the column share of the owner's loss computed elsewhere).
+        acc = ring_visit_accumulating(ring, packet, receive, visit, receive_acc, torch.Tensor.add_)
+        grad_k = acc[:-1].view(keys.shape[0], d) if exact else acc
         grad_scale = None
         if ctx.needs_input_grad[2]:
             if exact:
                 # ∂loss_r/∂s: row + positive terms of our rows, column terms of our keys.
-                total = own_share + acc_in[-1]
+                total = own_share + acc[-1]
             else:
                 # Σ over the blocks this rank computed of Σ_ij G_ij·S_ij (see ring_clip_loss).
                 total = (grad_q * q_st).sum()

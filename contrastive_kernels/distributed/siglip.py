@@ -22,7 +22,8 @@ from torch import Tensor
 
 from .. import _checks, backends, functional, ops
 from .._types import stat_dtype
-from ._comm import Ring, exchange_sizes, require_initialized, ring_visit, ring_visit_with_gradients
+from ._comm import (Ring, exchange_sizes, key_blocks, key_packets, require_initialized,
+                    ring_visit, ring_visit_accumulating)
 
 __all__ = ["distributed_siglip_loss", "DIST_IMPLS"]
 
@@ -42,7 +43,7 @@ class _RingSigmoid(torch.autograd.Function):
             total.append(ops.sigmoid_fwd(image, block, scale, bias, None, None, b == ring.rank,
                                          backend))
 
-        ring_visit(ring, sizes, text, visit)
+        ring_visit(ring, [text], key_packets(sizes, text), visit)
         ctx.save_for_backward(image, text, scale, bias)
         ctx.backend, ctx.group, ctx.sizes = backend, group, sizes
         return torch.stack(total).sum(0)
@@ -62,9 +63,11 @@ class _RingSigmoid(torch.autograd.Function):
                                          grad_rows, ctx.backend)
             grad_image.add_(gq)
             grad_bias = grad_bias + gb.sum()
-            return gk
+            return gk.to(st)
 
-        grad_text = ring_visit_with_gradients(ring, ctx.sizes, text, visit, st)
+        # each block's text gradient travels home behind it, summed over the ranks it visits
+        grad_text = ring_visit_accumulating(ring, [text], key_packets(ctx.sizes, text), visit,
+                                            key_blocks(ctx.sizes, text, st), torch.Tensor.add_)
         # ∂L_r/∂s = Σ over every block of Σ_i ⟨dQ_i, q_i⟩ / s: all local (our image rows)
         grad_scale = ((grad_image * image.to(st)).sum() / scale.to(st)).to(scale.dtype)
         return (grad_image.to(image.dtype), grad_text.to(text.dtype),
