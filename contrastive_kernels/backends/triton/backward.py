@@ -26,6 +26,8 @@ Backward modes (``CK_TRITON_BWD`` forces one; ``auto`` picks per ``tuning.bwd_mo
   and the deterministic choice there): G is written for a slab of rows (input dtype, ≤
   ``gemm_budget_bytes``), then dQ[slab] = G·K and dK += Gᵀ·Q[slab] run on cuBLAS. Per slab:
   2·R·M·D FLOPs in the kernel, 4·R·M·D in the GEMMs, 3 passes of R·M·elem bytes; no atomics.
+  The sigmoid row sums of G land in their rows of one (N,) output: directly with one column split,
+  else through one (split, R) scratch reused by every slab and summed over the splits in order.
 * ``two_pass`` (deterministic while D ≤ 128): launch 1 A = Q, B = K emits dQ; launch 2 A = K,
   B = Q (weights, labels and classes swapped) emits dK. Each tile of S is computed twice:
   8·N·M·D instead of 6·N·M·D FLOPs, no atomics, bitwise identical run to run.
@@ -58,10 +60,12 @@ def _bwd_kernel(
     lse_a_ptr, g_a_ptr,        # per A-row: natural-log lse and upstream weight
     lse_b_ptr, g_b_ptr,        # per B-row
     gpos_ptr,                  # per query row (A when LABELS_ON_A, else B)
-    dA_ptr, dB_ptr,            # float32 (SPLIT, NA, D) / (NB, D), zero-initialised
+    dA_ptr, dB_ptr,            # float32 (SPLIT, A rows, D) / (NB, D), zero-initialised
     G_ptr,                     # (rows of this launch, NB) G tile store [STORE_G]
-    gsum_ptr,                  # (SPLIT, NA) float32 row sums of G [EMIT_GSUM]
+    gsum_ptr,                  # float32 row sums of G [EMIT_GSUM], row r of split s at
+                               # s·ld_gsum + (r − row_start): indexed from this launch's first row
     NA, NB, D, row_start, cols_per_split, stride_a, stride_b, ldg,
+    ld_da, ld_gsum,            # elements between the splits' slices of dA (private) and of gsum
     NA_KEY, NB_KEY,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     D_SINGLE: tl.constexpr, SIGMOID: tl.constexpr,
@@ -111,8 +115,9 @@ def _bwd_kernel(
         gsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if DA_ATOMIC:  # all splits add into one buffer
         da_base = dA_ptr
-    else:  # this split's private slice, summed on the host in a fixed order (deterministic)
-        da_base = dA_ptr + pid_s.to(tl.int64) * NA * D
+    else:  # this split's private slice, summed on the host in a fixed order (deterministic).
+        # The slice stride comes from the buffer, not from NA: NA is this launch's row stop.
+        da_base = dA_ptr + pid_s.to(tl.int64) * ld_da
 
     col_lo = pid_s * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, NB)
@@ -228,7 +233,10 @@ def _bwd_kernel(
         else:
             tl.store(da_ptrs, acc, mask=dmask)
     if EMIT_GSUM:
-        tl.store(gsum_ptr + pid_s.to(tl.int64) * NA + rows, gsum / gs, mask=row_valid)
+        # relative to row_start: a slab's sums fit a (SPLIT, slab rows) scratch, or go straight
+        # into the output slice when SPLIT = 1 (NA is the row *stop*, not a buffer width)
+        gsum_off = pid_s.to(tl.int64) * ld_gsum + (rows64 - row_start)
+        tl.store(gsum_ptr + gsum_off, gsum / gs, mask=row_valid)
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,7 +305,11 @@ def run_backward(query, keys, scale, *, sigmoid: bool, bias=None, labels=None, r
     dummy = torch.empty((1,), **f32)
     no_ints = torch.empty((1,), dtype=torch.int64, device=dev)
     classes = row_classes is not None
-    gsums = []
+    # sigmoid: the row sums of G, written per launch into their rows of one (N,) output; splits > 1
+    # go through one flat scratch reused by every launch (grown only when a launch plans more
+    # splits × rows), so the extra memory is O(N + split·slab rows) at any slab count
+    gsum_out = torch.empty((N,), **f32) if sigmoid else None
+    gsum_scratch = [torch.empty((0,), **f32)]
 
     def c(x):
         return dummy if x is None else x.contiguous()
@@ -319,7 +331,15 @@ def run_backward(query, keys, scale, *, sigmoid: bool, bias=None, labels=None, r
             dA = torch.zeros((split, NA, D), **f32)
             da_atomic = False
         dB = torch.zeros((NB, D), **f32) if emit_db else dummy
-        gsum = torch.zeros((split, NA), **f32) if emit_gsum else dummy
+        nr = row_stop - row_start
+        if not emit_gsum:
+            gsum, ld_gsum = dummy, 0
+        elif split == 1:  # every row stored by exactly one program: straight into the output
+            gsum, ld_gsum = gsum_out[row_start:row_stop], 0
+        else:
+            if gsum_scratch[0].numel() < split * nr:
+                gsum_scratch[0] = torch.empty((split * nr,), **f32)
+            gsum, ld_gsum = gsum_scratch[0][: split * nr].view(split, nr), nr
         _bwd_kernel[(row_blocks, split)](
             A, B, scale, gscale if gscale is not None else dummy, c(bias),
             labels if labels is not None else no_ints,
@@ -329,6 +349,7 @@ def run_backward(query, keys, scale, *, sigmoid: bool, bias=None, labels=None, r
             c(grad_pos), dA, dB, G if G is not None else dummy, gsum,
             row_stop, NB, D, row_start, cols_per_split, A.stride(0), B.stride(0),
             G.stride(0) if G is not None else 0,
+            dA.stride(0) if dA.dim() == 3 else 0, ld_gsum,
             tu.bucket(NA), tu.bucket(NB),
             BLOCK_M=bm, BLOCK_D=BD if G is None else BD_G, D_SINGLE=d_single if G is None else d_single_g,
             SIGMOID=sigmoid, HAS_GA=g_a is not None, HAS_GB=g_b is not None,
@@ -337,8 +358,8 @@ def run_backward(query, keys, scale, *, sigmoid: bool, bias=None, labels=None, r
             EMIT_DB=emit_db, DA_ATOMIC=da_atomic, STORE_G=G is not None, EMIT_GSUM=emit_gsum,
             USE_GSCALE=gscale is not None, INPUT_PRECISION=prec, **tu.LAUNCH_OPTS,
         )
-        if emit_gsum:
-            gsums.append(gsum[0] if split == 1 else gsum.sum(0))
+        if emit_gsum and split > 1:  # fixed-order sum over the splits (deterministic)
+            torch.sum(gsum, 0, out=gsum_out[row_start:row_stop])
         if dA.dim() == 3:
             dA = dA[0] if dA.shape[0] == 1 else dA.sum(0)
         return dA, dB
@@ -375,9 +396,7 @@ def run_backward(query, keys, scale, *, sigmoid: bool, bias=None, labels=None, r
             gk.mul_(out_scale)
     if not sigmoid:
         return gq, gk
-    # the gemm mode's slabs each summed their own rows (the rest of each buffer is zero)
-    gsum = gsums[0] if len(gsums) == 1 else torch.stack(gsums).sum(0)
-    return gq, gk, gsum
+    return gq, gk, gsum_out
 
 
 def lse_bwd(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
