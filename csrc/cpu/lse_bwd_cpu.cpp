@@ -4,11 +4,11 @@
 // and G = 0 on the excluded pairs (contract: lse_cpu.h; work split: tiling.h).
 //
 // FLOPs: the tile is recomputed once, turned into G in place, and feeds both gradient GEMMs while
-// it is still in cache (6·N·M·D in total). grad_keys goes to per-task copies merged at the end.
+// it is still in cache (6·N·M·D in total). grad_keys goes to per-group copies merged in group
+// order at the end (bitwise repeatable, tiling.h).
 // Terms whose upstream gradient is None are skipped and their statistic is never read; with only
 // label positives G has one entry per row and the tiles are skipped altogether (O(N·D)).
 
-#include <atomic>
 #include <limits>
 #include <vector>
 
@@ -49,61 +49,67 @@ void lse_bwd_impl(const LseBwdArgs<T>& a) {
     const std::vector<T> col_off = a.grad_col ? tile_offsets(a.col_lse, M) : std::vector<T>();
     const T ninf = -std::numeric_limits<T>::infinity();
 
-    // Task 0 accumulates grad_keys in place; the others into zeroed private copies.
+    // Group 0 accumulates grad_keys in place (zeroed by the caller); the others into private
+    // copies, which need no zeroing: the first block of the group writes every element once
+    // (β = 0), the later ones add. Merged in group order at the end (tiling.h).
     const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-    at::Tensor tiles = at::empty({tl.tasks, tl.rows * tl.cols}, opts);
-    at::Tensor dk_private = at::zeros({tl.tasks - 1, M * D}, opts);
+    const int64_t tile_stride = aligned_stride<T>(tl.rows * tl.cols);
+    at::Tensor tiles = at::empty({tl.tasks, tile_stride}, opts);
+    at::Tensor dk_private = at::empty({tl.groups - 1, M * D}, opts);
     T* tiles_ptr = tiles.data_ptr<T>();
     T* dk_ptr = dk_private.data_ptr<T>();
-    std::atomic<int64_t> next_block{0};
+    auto group_dk = [&](int64_t g) { return g == 0 ? a.grad_k : dk_ptr + (g - 1) * M * D; };
 
-    run_tasks(tl.tasks, [&](int64_t slot) {
-      T* tile = tiles_ptr + slot * tl.rows * tl.cols;
-      T* dk = slot == 0 ? a.grad_k : dk_ptr + (slot - 1) * M * D;
-      for (int64_t blk = next_block.fetch_add(1); blk < tl.blocks; blk = next_block.fetch_add(1)) {
-        const int64_t i0 = blk * tl.rows;
-        const int64_t ib = std::min(tl.rows, N - i0);
-        for (int64_t j0 = 0; j0 < M; j0 += tl.cols) {
-          const int64_t jt = std::min(tl.cols, M - j0);
-          auto self_pairs = [&](T v) {
-            for_each_self_pair(i0, ib, j0, jt,
-                               [&](int64_t r, int64_t c) { tile[r * tl.cols + c] = v; });
-          };
-          if (dense_terms) {
-            // Recompute the tile and turn it into the dense part of G in place. An excluded
-            // logit is −inf first, so its weights are e^−inf = 0 rather than a possible overflow.
-            gemm<T>(false, true, ib, jt, D, s, a.Q + i0 * D, D, a.K + j0 * D, D, T(0), tile,
-                    tl.cols);
-            if (a.exclude_self) self_pairs(ninf);
-            tk.bwd(tile, ib, jt, tl.cols, a.grad_row ? row_off.data() + i0 : nullptr,
-                   a.grad_row ? a.grad_row + i0 : nullptr,
-                   a.grad_col ? col_off.data() + j0 : nullptr,
-                   a.grad_col ? a.grad_col + j0 : nullptr);
-          } else {
-            // Class positives alone: G does not depend on S, no tile GEMM needed.
-            for (int64_t i = 0; i < ib; ++i) {
-              std::fill(tile + i * tl.cols, tile + i * tl.cols + jt, T(0));
+    for_each_row_block(
+        tl,
+        [](int64_t /*slot*/, int64_t /*g*/) {},
+        [&](int64_t slot, int64_t g, int64_t blk) {
+          T* tile = tiles_ptr + slot * tile_stride;
+          T* dk = group_dk(g);
+          const T dk_beta = g > 0 && blk == tl.group_begin(g) ? T(0) : T(1);
+          const int64_t i0 = blk * tl.rows;
+          const int64_t ib = std::min(tl.rows, N - i0);
+          for (int64_t j0 = 0; j0 < M; j0 += tl.cols) {
+            const int64_t jt = std::min(tl.cols, M - j0);
+            auto self_pairs = [&](T v) {
+              for_each_self_pair(i0, ib, j0, jt,
+                                 [&](int64_t r, int64_t c) { tile[r * tl.cols + c] = v; });
+            };
+            if (dense_terms) {
+              // Recompute the tile and turn it into the dense part of G in place. An excluded
+              // logit is −inf first, so its weights are e^−inf = 0 rather than a possible overflow.
+              gemm<T>(false, true, ib, jt, D, s, a.Q + i0 * D, D, a.K + j0 * D, D, T(0), tile,
+                      tl.cols);
+              if (a.exclude_self) self_pairs(ninf);
+              tk.bwd(tile, ib, jt, tl.cols, a.grad_row ? row_off.data() + i0 : nullptr,
+                     a.grad_row ? a.grad_row + i0 : nullptr,
+                     a.grad_col ? col_off.data() + j0 : nullptr,
+                     a.grad_col ? a.grad_col + j0 : nullptr);
+            } else {
+              // Class positives alone: G does not depend on S, no tile GEMM needed.
+              for (int64_t i = 0; i < ib; ++i) {
+                std::fill(tile + i * tl.cols, tile + i * tl.cols + jt, T(0));
+              }
             }
-          }
-          if (class_pos) {
-            tk.pos_add(tile, ib, jt, tl.cols, a.row_ids + i0, a.col_ids + j0, a.grad_pos + i0);
-          } else if (a.grad_pos) {
-            // The label positive, where the tile holds (i, l_i): G_{i,l_i} += grad_pos_i.
-            for (int64_t i = 0; i < ib; ++i) {
-              const int64_t l = a.labels ? a.labels[i0 + i] : i0 + i;
-              if (l >= j0 && l < j0 + jt) tile[i * tl.cols + (l - j0)] += a.grad_pos[i0 + i];
+            if (class_pos) {
+              tk.pos_add(tile, ib, jt, tl.cols, a.row_ids + i0, a.col_ids + j0, a.grad_pos + i0);
+            } else if (a.grad_pos) {
+              // The label positive, where the tile holds (i, l_i): G_{i,l_i} += grad_pos_i.
+              for (int64_t i = 0; i < ib; ++i) {
+                const int64_t l = a.labels ? a.labels[i0 + i] : i0 + i;
+                if (l >= j0 && l < j0 + jt) tile[i * tl.cols + (l - j0)] += a.grad_pos[i0 + i];
+              }
             }
+            // Exactly 0 on the excluded pairs, whatever the terms above wrote there.
+            if (a.exclude_self) self_pairs(T(0));
+            // dQ_blk += s·G·K_tile, dK_tile += s·Gᵀ·Q_blk, both from the tile while in cache.
+            gemm<T>(false, false, ib, D, jt, s, tile, tl.cols, a.K + j0 * D, D, T(1),
+                    a.grad_q + i0 * D, D);
+            gemm<T>(true, false, jt, D, ib, s, tile, tl.cols, a.Q + i0 * D, D, dk_beta, dk + j0 * D,
+                    D);
           }
-          // Exactly 0 on the excluded pairs, whatever the terms above wrote there.
-          if (a.exclude_self) self_pairs(T(0));
-          // dQ_blk += s·G·K_tile, dK_tile += s·Gᵀ·Q_blk, both from the tile while it is in cache.
-          gemm<T>(false, false, ib, D, jt, s, tile, tl.cols, a.K + j0 * D, D, T(1),
-                  a.grad_q + i0 * D, D);
-          gemm<T>(true, false, jt, D, ib, s, tile, tl.cols, a.Q + i0 * D, D, T(1), dk + j0 * D, D);
-        }
-      }
-    });
-    merge_private_grad_keys(a.grad_k, dk_ptr, tl.tasks - 1, M * D);
+        });
+    merge_private_grad_keys(a.grad_k, dk_ptr, tl.groups - 1, M * D);
   }
 
   if (a.grad_pos != nullptr && !classes && !dense_terms) {

@@ -11,7 +11,6 @@
 // log-sum-exp saw, and since the element holding the row max contributes exactly 1 to the row sum,
 // row_lse_i ≥ pos_i holds in floating point for a single positive.
 
-#include <atomic>
 #include <cmath>
 #include <limits>
 
@@ -31,80 +30,86 @@ void lse_fwd_impl(const LseFwdArgs<T>& a) {
   const T alpha = static_cast<T>(a.scale);
   const T ninf = -std::numeric_limits<T>::infinity();
 
-  // Per task: tile (rows×cols), row stats (2·rows), column scratch (cols), column stats (2·M).
-  const int64_t per_task = tl.rows * tl.cols + 2 * tl.rows + tl.cols + (compute_col ? 2 * M : 0);
-  const int64_t col_stats_at = tl.rows * tl.cols + 2 * tl.rows + tl.cols;
+  // Per task (slot): tile (rows×cols), row stats (2·rows), column scratch (cols), at a 64-byte
+  // aligned stride. Per group: column stats (2·M), so that a column's partial sums depend on the
+  // group's blocks only, never on which task ran them (tiling.h).
+  const int64_t per_task = aligned_stride<T>(tl.rows * tl.cols + 2 * tl.rows + tl.cols);
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   at::Tensor work = at::empty({tl.tasks, per_task}, opts);
+  at::Tensor col_work = at::empty({compute_col ? tl.groups : 0, 2 * M}, opts);
   T* work_ptr = work.data_ptr<T>();
-  std::atomic<int64_t> next_block{0};
+  T* col_ptr = col_work.data_ptr<T>();
 
-  run_tasks(tl.tasks, [&](int64_t slot) {
-    T* tile = work_ptr + slot * per_task;
-    T* rmax = tile + tl.rows * tl.cols;
-    T* rsum = rmax + tl.rows;
-    T* scratch = rsum + tl.rows;
-    T* cmax = compute_col ? tile + col_stats_at : nullptr;
-    T* csum = compute_col ? cmax + M : nullptr;
-    if (compute_col) {
-      std::fill(cmax, cmax + M, ninf);
-      std::fill(csum, csum + M, T(0));
-    }
-    for (int64_t blk = next_block.fetch_add(1); blk < tl.blocks; blk = next_block.fetch_add(1)) {
-      const int64_t i0 = blk * tl.rows;
-      const int64_t ib = std::min(tl.rows, N - i0);
-      std::fill(rmax, rmax + ib, ninf);
-      std::fill(rsum, rsum + ib, T(0));
-      for (int64_t j0 = 0; j0 < M; j0 += tl.cols) {
-        const int64_t jt = std::min(tl.cols, M - j0);
-        gemm<T>(false, true, ib, jt, D, alpha, a.Q + i0 * D, D, a.K + j0 * D, D, T(0), tile,
-                tl.cols);
-        if (classes) {
-          // Excluded elements read as 0 in the class sum (adding 0 is exact), then −inf below.
-          if (a.exclude_self) {
-            for_each_self_pair(i0, ib, j0, jt,
-                               [&](int64_t r, int64_t c) { tile[r * tl.cols + c] = T(0); });
-          }
-          tk.pos_sum(tile, ib, jt, tl.cols, a.row_ids + i0, a.col_ids + j0, a.pos + i0);
-        } else {
-          // The positive logit is read from the tile that holds it (pos stays 0 if excluded).
-          for (int64_t i = 0; i < ib; ++i) {
-            const int64_t l = a.labels ? a.labels[i0 + i] : i0 + i;
-            if (l >= j0 && l < j0 + jt && !(a.exclude_self && l == i0 + i)) {
-              a.pos[i0 + i] = tile[i * tl.cols + (l - j0)];
+  for_each_row_block(
+      tl,
+      [&](int64_t /*slot*/, int64_t g) {
+        if (compute_col) {
+          T* cmax = col_ptr + g * 2 * M;
+          std::fill(cmax, cmax + M, ninf);
+          std::fill(cmax + M, cmax + 2 * M, T(0));
+        }
+      },
+      [&](int64_t slot, int64_t g, int64_t blk) {
+        T* tile = work_ptr + slot * per_task;
+        T* rmax = tile + tl.rows * tl.cols;
+        T* rsum = rmax + tl.rows;
+        T* scratch = rsum + tl.rows;
+        T* cmax = compute_col ? col_ptr + g * 2 * M : nullptr;
+        T* csum = compute_col ? cmax + M : nullptr;
+        const int64_t i0 = blk * tl.rows;
+        const int64_t ib = std::min(tl.rows, N - i0);
+        std::fill(rmax, rmax + ib, ninf);
+        std::fill(rsum, rsum + ib, T(0));
+        for (int64_t j0 = 0; j0 < M; j0 += tl.cols) {
+          const int64_t jt = std::min(tl.cols, M - j0);
+          gemm<T>(false, true, ib, jt, D, alpha, a.Q + i0 * D, D, a.K + j0 * D, D, T(0), tile,
+                  tl.cols);
+          if (classes) {
+            // Excluded elements read as 0 in the class sum (adding 0 is exact), then −inf below.
+            if (a.exclude_self) {
+              for_each_self_pair(i0, ib, j0, jt,
+                                 [&](int64_t r, int64_t c) { tile[r * tl.cols + c] = T(0); });
+            }
+            tk.pos_sum(tile, ib, jt, tl.cols, a.row_ids + i0, a.col_ids + j0, a.pos + i0);
+          } else {
+            // The positive logit is read from the tile that holds it (pos stays 0 if excluded).
+            for (int64_t i = 0; i < ib; ++i) {
+              const int64_t l = a.labels ? a.labels[i0 + i] : i0 + i;
+              if (l >= j0 && l < j0 + jt && !(a.exclude_self && l == i0 + i)) {
+                a.pos[i0 + i] = tile[i * tl.cols + (l - j0)];
+              }
             }
           }
+          // −inf: e^−inf = 0 exactly on every path and it never raises a max, so an excluded
+          // element enters neither the row nor the column statistic.
+          if (a.exclude_self) {
+            for_each_self_pair(i0, ib, j0, jt,
+                               [&](int64_t r, int64_t c) { tile[r * tl.cols + c] = ninf; });
+          }
+          tk.fwd(tile, ib, jt, tl.cols, rmax, rsum, compute_col ? cmax + j0 : nullptr,
+                 compute_col ? csum + j0 : nullptr, scratch);
         }
-        // −inf: e^−inf = 0 exactly on every path and it never raises a max, so an excluded element
-        // enters neither the row nor the column statistic.
-        if (a.exclude_self) {
-          for_each_self_pair(i0, ib, j0, jt,
-                             [&](int64_t r, int64_t c) { tile[r * tl.cols + c] = ninf; });
+        // A row with nothing left (max −inf, sum 0) gets −inf + log 0 = −inf.
+        for (int64_t i = 0; i < ib; ++i) {
+          a.row_lse[i0 + i] = static_cast<T>(static_cast<double>(rmax[i]) +
+                                             std::log(static_cast<double>(rsum[i])));
         }
-        tk.fwd(tile, ib, jt, tl.cols, rmax, rsum, compute_col ? cmax + j0 : nullptr,
-               compute_col ? csum + j0 : nullptr, scratch);
-      }
-      // A row with nothing left (max −inf, sum 0) gets −inf + log 0 = −inf.
-      for (int64_t i = 0; i < ib; ++i) {
-        a.row_lse[i0 + i] =
-            static_cast<T>(static_cast<double>(rmax[i]) + std::log(static_cast<double>(rsum[i])));
-      }
-    }
-  });
+      });
 
   if (compute_col) {
-    // Merge the per-task (max, sum) pairs of every column: a log-sum-exp of log-sum-exps.
+    // Merge the per-group (max, sum) pairs of every column, in group order (a fixed summation
+    // order, tiling.h): a log-sum-exp of log-sum-exps.
     at::parallel_for(0, M, 2048, [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) {
         double m = -std::numeric_limits<double>::infinity();
-        for (int64_t t = 0; t < tl.tasks; ++t) {
-          m = std::max(m, static_cast<double>(work_ptr[t * per_task + col_stats_at + j]));
+        for (int64_t g = 0; g < tl.groups; ++g) {
+          m = std::max(m, static_cast<double>(col_ptr[g * 2 * M + j]));
         }
         double s = 0;
-        for (int64_t t = 0; t < tl.tasks; ++t) {
-          const T* cmax = work_ptr + t * per_task + col_stats_at;
+        for (int64_t g = 0; g < tl.groups; ++g) {
+          const T* cmax = col_ptr + g * 2 * M;
           const T* csum = cmax + M;
-          // Tasks that never saw column j (or saw only its excluded element) hold (−inf, 0);
+          // Groups whose rows only saw column j's excluded element hold (−inf, 0);
           // `!= 0` skips them without evaluating exp(−inf − m), and keeps a NaN sum visible.
           if (csum[j] != 0) s += static_cast<double>(csum[j]) * std::exp(cmax[j] - m);
         }

@@ -12,11 +12,11 @@
 // Same structure as the LSE kernels (tiling.h): per-task row blocks, one BLAS GEMM per tile into a
 // core-local buffer, a vectorised element-wise pass (sigmoid_tiles.cpp), O((N+M)·D) memory. The
 // forward is 2·N·M·D FLOPs; the backward recomputes each tile once and feeds both gradient GEMMs
-// from it, 6·N·M·D. There is no column statistic, so no merge beyond grad_keys.
+// from it, 6·N·M·D. There is no column statistic, so no merge beyond grad_keys (per group,
+// in group order: bitwise repeatable, tiling.h).
 
 #include <torch/library.h>
 
-#include <atomic>
 #include <optional>
 #include <tuple>
 
@@ -35,23 +35,25 @@ void sigmoid_fwd_impl(const T* Q, const T* K, int64_t N, int64_t M, int64_t D, d
   const Tiling tl = make_tiling(N, M);
   const T alpha = static_cast<T>(scale), b = static_cast<T>(bias);
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor tiles = at::empty({tl.tasks, tl.rows * tl.cols}, opts);
+  const int64_t tile_stride = aligned_stride<T>(tl.rows * tl.cols);
+  at::Tensor tiles = at::empty({tl.tasks, tile_stride}, opts);
   T* tiles_ptr = tiles.data_ptr<T>();
-  std::atomic<int64_t> next_block{0};
 
-  run_tasks(tl.tasks, [&](int64_t slot) {
-    T* tile = tiles_ptr + slot * tl.rows * tl.cols;
-    for (int64_t blk = next_block.fetch_add(1); blk < tl.blocks; blk = next_block.fetch_add(1)) {
-      const int64_t i0 = blk * tl.rows;
-      const int64_t ib = std::min(tl.rows, N - i0);
-      for (int64_t j0 = 0; j0 < M; j0 += tl.cols) {
-        const int64_t jt = std::min(tl.cols, M - j0);
-        gemm<T>(false, true, ib, jt, D, alpha, Q + i0 * D, D, K + j0 * D, D, T(0), tile, tl.cols);
-        tk.fwd(tile, ib, jt, tl.cols, b, row_ids ? row_ids + i0 : nullptr,
-               col_ids ? col_ids + j0 : nullptr, row_loss + i0);
-      }
-    }
-  });
+  // Only row results: each row is summed by the one block that holds it, in column-tile order.
+  for_each_row_block(
+      tl, [](int64_t, int64_t) {},
+      [&](int64_t slot, int64_t /*g*/, int64_t blk) {
+        T* tile = tiles_ptr + slot * tile_stride;
+        const int64_t i0 = blk * tl.rows;
+        const int64_t ib = std::min(tl.rows, N - i0);
+        for (int64_t j0 = 0; j0 < M; j0 += tl.cols) {
+          const int64_t jt = std::min(tl.cols, M - j0);
+          gemm<T>(false, true, ib, jt, D, alpha, Q + i0 * D, D, K + j0 * D, D, T(0), tile,
+                  tl.cols);
+          tk.fwd(tile, ib, jt, tl.cols, b, row_ids ? row_ids + i0 : nullptr,
+                 col_ids ? col_ids + j0 : nullptr, row_loss + i0);
+        }
+      });
 }
 
 template <typename T>
@@ -63,32 +65,38 @@ void sigmoid_bwd_impl(const T* Q, const T* K, int64_t N, int64_t M, int64_t D, d
   const Tiling tl = make_tiling(N, M);
   const T s = static_cast<T>(scale), b = static_cast<T>(bias);
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  // Task 0 accumulates grad_keys in place; the others into zeroed private copies.
-  at::Tensor tiles = at::empty({tl.tasks, tl.rows * tl.cols}, opts);
-  at::Tensor dk_private = at::zeros({tl.tasks - 1, M * D}, opts);
+  // Group 0 accumulates grad_keys in place (zeroed by the caller); the others into private
+  // copies, which need no zeroing: the first block of the group writes every element once
+  // (β = 0), the later ones add. Merged in group order at the end (tiling.h).
+  const int64_t tile_stride = aligned_stride<T>(tl.rows * tl.cols);
+  at::Tensor tiles = at::empty({tl.tasks, tile_stride}, opts);
+  at::Tensor dk_private = at::empty({tl.groups - 1, M * D}, opts);
   T* tiles_ptr = tiles.data_ptr<T>();
   T* dk_ptr = dk_private.data_ptr<T>();
-  std::atomic<int64_t> next_block{0};
+  auto group_dk = [&](int64_t g) { return g == 0 ? grad_k : dk_ptr + (g - 1) * M * D; };
 
-  run_tasks(tl.tasks, [&](int64_t slot) {
-    T* tile = tiles_ptr + slot * tl.rows * tl.cols;
-    T* dk = slot == 0 ? grad_k : dk_ptr + (slot - 1) * M * D;
-    for (int64_t blk = next_block.fetch_add(1); blk < tl.blocks; blk = next_block.fetch_add(1)) {
-      const int64_t i0 = blk * tl.rows;
-      const int64_t ib = std::min(tl.rows, N - i0);
-      for (int64_t j0 = 0; j0 < M; j0 += tl.cols) {
-        const int64_t jt = std::min(tl.cols, M - j0);
-        // Recompute the tile (the same rounded S as the forward), turn it into G in place, then
-        // both gradient GEMMs read it while it is still in cache.
-        gemm<T>(false, true, ib, jt, D, s, Q + i0 * D, D, K + j0 * D, D, T(0), tile, tl.cols);
-        tk.bwd(tile, ib, jt, tl.cols, b, row_ids ? row_ids + i0 : nullptr,
-               col_ids ? col_ids + j0 : nullptr, grad_row + i0, grad_bias + i0);
-        gemm<T>(false, false, ib, D, jt, s, tile, tl.cols, K + j0 * D, D, T(1), grad_q + i0 * D, D);
-        gemm<T>(true, false, jt, D, ib, s, tile, tl.cols, Q + i0 * D, D, T(1), dk + j0 * D, D);
-      }
-    }
-  });
-  merge_private_grad_keys(grad_k, dk_ptr, tl.tasks - 1, M * D);
+  for_each_row_block(
+      tl,
+      [](int64_t /*slot*/, int64_t /*g*/) {},
+      [&](int64_t slot, int64_t g, int64_t blk) {
+        T* tile = tiles_ptr + slot * tile_stride;
+        T* dk = group_dk(g);
+        const T dk_beta = g > 0 && blk == tl.group_begin(g) ? T(0) : T(1);
+        const int64_t i0 = blk * tl.rows;
+        const int64_t ib = std::min(tl.rows, N - i0);
+        for (int64_t j0 = 0; j0 < M; j0 += tl.cols) {
+          const int64_t jt = std::min(tl.cols, M - j0);
+          // Recompute the tile (the same rounded S as the forward), turn it into G in place, then
+          // both gradient GEMMs read it while it is still in cache.
+          gemm<T>(false, true, ib, jt, D, s, Q + i0 * D, D, K + j0 * D, D, T(0), tile, tl.cols);
+          tk.bwd(tile, ib, jt, tl.cols, b, row_ids ? row_ids + i0 : nullptr,
+                 col_ids ? col_ids + j0 : nullptr, grad_row + i0, grad_bias + i0);
+          gemm<T>(false, false, ib, D, jt, s, tile, tl.cols, K + j0 * D, D, T(1), grad_q + i0 * D,
+                  D);
+          gemm<T>(true, false, jt, D, ib, s, tile, tl.cols, Q + i0 * D, D, dk_beta, dk + j0 * D, D);
+        }
+      });
+  merge_private_grad_keys(grad_k, dk_ptr, tl.groups - 1, M * D);
 }
 
 // Positive pairs as int32 ids: the classes, else the diagonal (ids 0..N−1 against 0..M−1), else
