@@ -114,11 +114,17 @@ def deterministic(t: Tuning) -> bool:
 
 def bwd_mode(t: Tuning, d_single: bool) -> str:
     """The backward mode in force: ``fused`` while the dQ accumulator fits in registers, ``gemm``
-    beyond (the fused kernel spills at D = 512), ``two_pass`` / ``gemm`` when deterministic."""
+    beyond (the fused kernel spills at D = 512), ``two_pass`` / ``gemm`` when deterministic.
+
+    Determinism wins over a forced ``fused`` (its float32 atomics reorder from run to run), as the
+    forward ignores a forced ``atomic`` column reduction: a user who asked for
+    ``torch.use_deterministic_algorithms(True)`` never silently gets an atomic backward."""
+    if deterministic(t):
+        if t.bwd_mode in ("two_pass", "gemm"):
+            return t.bwd_mode
+        return "two_pass" if d_single else "gemm"
     if t.bwd_mode != "auto":
         return t.bwd_mode
-    if deterministic(t):
-        return "two_pass" if d_single else "gemm"
     return "fused" if d_single or interpreting() else "gemm"
 
 
