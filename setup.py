@@ -9,8 +9,10 @@
 * The CUDA kernels (csrc/cuda/*.cu + csrc/cuda/*.cpp, compiled with -DCK_WITH_CUDA) are added only when
   torch is a CUDA build, nvcc is found and nvcc's major version matches torch's CUDA major version.
   CK_BUILD_CUDA=0 turns them off; CK_BUILD_CUDA=1 turns them on and fails loudly if that is impossible.
-* Nothing here touches the network. Use --no-build-isolation: an isolated build would download a
-  (multi-GB, possibly CUDA) torch into a throwaway environment and build against that instead.
+* With no GPU visible and TORCH_CUDA_ARCH_LIST unset, a CUDA build targets DEFAULT_CUDA_ARCH_LIST
+  (8.0;9.0+PTX) instead of failing in torch's arch detection.
+* Nothing here touches the network. Use --no-build-isolation: pyproject.toml lists no torch among
+  the build requirements, so an isolated build stops at once with a message naming the flag.
 """
 from __future__ import annotations
 
@@ -23,13 +25,17 @@ import sys
 
 from setuptools import setup
 
+NO_TORCH_MESSAGE = (
+    "contrastive_kernels compiles its extension against the torch of the environment it is "
+    "installed into, and this build cannot import torch. Plain `pip install .` builds in an "
+    "isolated environment without torch: install torch first (e.g. `pip install torch`), then run "
+    "`pip install --no-build-isolation .` (or `pip install --no-build-isolation -e .`).")
+
 try:
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
-except ImportError as exc:  # pragma: no cover - message for users of plain `pip install .`
-    raise RuntimeError(
-        "contrastive_kernels builds against the installed torch: install torch first, then run "
-        "`pip install --no-build-isolation .`") from exc
+except ImportError as exc:  # plain `pip install .`: stop at once, naming the fix
+    raise SystemExit(f"error: {NO_TORCH_MESSAGE}") from exc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The extension defines no Python API of its own, so it is built against the stable ABI: one abi3
@@ -104,10 +110,32 @@ def cuda_decision(cuda_sources: list[str]) -> tuple[bool, str]:
         # Point torch's BuildExtension at the nvcc we found when CUDA_HOME is unset.
         if nvcc and not os.environ.get("CUDA_HOME"):
             os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(nvcc))
-        return True, f"CUDA kernels enabled ({nvcc})"
+        arch_note = default_cuda_arch_list()
+        return True, f"CUDA kernels enabled ({nvcc}){arch_note}"
     if forced:
         raise RuntimeError(f"CK_BUILD_CUDA=1 but the CUDA kernels cannot be built: {problem}")
     return False, problem
+
+
+# Architectures of a CUDA build on a machine where no GPU is visible (a build server, a container
+# build step): torch's arch-flag code takes the visible devices' capabilities and, with none and no
+# TORCH_CUDA_ARCH_LIST, dies with an IndexError on an empty list. A100 (8.0) and H100/H200 (9.0),
+# with PTX for 9.0 so newer GPUs JIT-compile it. Set TORCH_CUDA_ARCH_LIST to choose others.
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
+
+
+def default_cuda_arch_list() -> str:
+    """Set TORCH_CUDA_ARCH_LIST when it is unset and no GPU is visible; returns a note for the log."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return f", TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}"
+    try:
+        visible = torch.cuda.is_available() and torch.cuda.device_count() > 0
+    except Exception:  # noqa: BLE001 - a broken driver is the same as no GPU for this purpose
+        visible = False
+    if visible:
+        return ", for the visible GPUs' architectures"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
+    return f", no GPU visible: TORCH_CUDA_ARCH_LIST={DEFAULT_CUDA_ARCH_LIST} (the default)"
 
 
 def _uses_pybind(path: str) -> bool:

@@ -39,6 +39,8 @@ def info() -> int:
     print(f"torch       {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
     print(f"triton      {triton_version}")
     print(f"cpu threads {torch.get_num_threads()}")
+    from contrastive_kernels.bench.schema import cpu_isa
+    print(f"cpu isa     {cpu_isa()} (SIMD path of the native CPU kernels; CK_CPU_ISA lowers it)")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             print(f"cuda:{i}      {torch.cuda.get_device_name(i)}")

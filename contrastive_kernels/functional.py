@@ -1,4 +1,4 @@
-"""Public functional API (api.md): validated front doors to the registered ops.
+"""Public functional API (the README's API summary): validated front doors to the registered ops.
 
 Every function checks its inputs (``_checks``: clear ``ValueError``/``TypeError`` naming the
 offending shapes, dtypes or values), resolves the backend, then calls a registered op (``ops``) and

@@ -16,7 +16,7 @@ information the other lacks, and adds three regularisers to the base loss
   :func:`~contrastive_kernels.functional.lse_stats`).
 * :class:`ModalityStructureLoss` — ``L_Con`` through the fused ops plus any subset of the three.
 
-Conventions (api.md): features are used as given (the library does not L2-normalise; the formulas
+Conventions (the README's API summary): features are used as given (the library does not L2-normalise; the formulas
 assume unit vectors, as P2's do); inputs may be float64/float32/float16/bfloat16 with matching dtype
 and device; losses are float32 (float64 for float64 inputs); bad input raises ``ValueError`` /
 ``TypeError`` naming the offending shapes or values.

@@ -1,4 +1,5 @@
-"""nn.Module front doors (api.md). They hold configuration and call ``functional`` only."""
+"""nn.Module front doors (the README's API summary). They hold configuration and call
+``functional`` only."""
 from __future__ import annotations
 
 from typing import Optional

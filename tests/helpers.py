@@ -93,7 +93,7 @@ def _row_max(x: torch.Tensor) -> torch.Tensor:
 
 def assert_relative_rule(out: torch.Tensor, ref_same: torch.Tensor, gt: torch.Tensor,
                          dtype: torch.dtype, name: str = "", factor: float = 2.0):
-    """design.md's relative rule, judged against the float64 truth ``gt``:
+    """The relative rule (the project's shared/docs/design.md), judged against the float64 truth ``gt``:
 
         |out − gt| ≤ factor·max(|ref_same − gt|, max over the row of |ref_same − gt|) + atol
 

@@ -169,7 +169,7 @@ def test_logit_bias_cancels(backend):
 
 
 # ---------------------------------------------------------------------------------------------
-# low precision: the relative rule of design.md against reference.py in the same dtype
+# low precision: the relative rule (tests/helpers.py, after the project's shared/docs/design.md) against reference.py in the same dtype
 # ---------------------------------------------------------------------------------------------
 
 LOWP_CASES = [

@@ -241,6 +241,8 @@ def main(argv=None) -> int:
     if args.list:
         for c in CONFIGS.values():
             print(f"{c.name:<13} {c.help}" + (f" [{c.minutes}]" if c.minutes else ""))
+        print(f"{'gradcache':<13} whole training steps, plain vs ck.GradCache (bench gradcache "
+              "--help) [~5 min]")
         return 0
     if args.config == "plot":
         from .plot import plot_csv
@@ -259,7 +261,7 @@ def main(argv=None) -> int:
 
     from .configs import dry_run
     from .plot import plot_csv
-    from .providers import canonical
+    from .providers import all_providers, canonical
     from .runner import Runner, Settings
     from .schema import CsvSink, device_name
 
@@ -292,6 +294,12 @@ def main(argv=None) -> int:
         return 2
     for pt in points:
         pt.providers = [canonical(p) for p in pt.providers]
+        unknown = [p for p in pt.providers if p not in all_providers(pt.op)]
+        if unknown:  # a typo must not turn into a run that silently skips what was asked
+            print(f"error: unknown provider(s) {unknown} for {pt.op}; valid: "
+                  f"{', '.join(all_providers(pt.op))} (a backend name such as 'cpu' means "
+                  "'ck.cpu')", file=sys.stderr)
+            return 2
     settings = Settings(device=device, repeats=repeats, warmup=warmup,
                         timer=args.timer or cfg.timer, memory=cfg.memory and not args.no_memory,
                         roof=not args.no_roof, time_budget=args.time_budget,
@@ -317,8 +325,14 @@ def main(argv=None) -> int:
     finally:
         sink.close()
     print()
-    print(f"{args.config}: {first.op}, {first.dtype}, D={first.d}, on {device_name(device)}; "
-          f"{repeats} repeats after {warmup} warm-up; FLOPs 2/6/8·R·C·D (fwd/bwd/fwd_bwd)")
+    from .schema import cpu_isa, loadavg
+    machine = device_name(device) + ("" if on_gpu else f", ISA {cpu_isa()}")
+    print(f"{args.config}: {first.op}, {first.dtype}, D={first.d}, on {machine}; "
+          f"{repeats} repeats after {warmup} warm-up; load average {load:.2f} before, "
+          f"{loadavg()} after; FLOPs 2/6/8·R·C·D (fwd/bwd/fwd_bwd)")
+    if not on_gpu and (quick or max(ns) <= 1024):
+        print("note: at these sizes a call takes milliseconds, so on a shared machine the ratios "
+              "are noise-dominated; read them with the load average above, or run without --quick")
     _print_table(rows, cpu=not on_gpu)
     summary(rows)
     print(f"\nCSV: {csv_path}")

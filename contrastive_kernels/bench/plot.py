@@ -63,8 +63,8 @@ def plot_csv(csv_path: str, png_path: str, title: Optional[str] = None) -> bool:
         # line so that neither hides the other
         ls = "-" if name.startswith("ck.") else (":" if name == "dense" else "--")
         mk = dict(marker=marker, color=colour)
-        if name == "dense":
-            mk.update(markersize=10, markerfacecolor="none", markeredgewidth=1.5)
+        if name == "dense":  # drawn on top: in the memory panel it coincides with open_clip's line
+            mk.update(markersize=10, markerfacecolor="none", markeredgewidth=1.5, zorder=5)
         label = name + ("  (this library)" if name.startswith("ck.") else "")
         ns = [int(r["n"]) for r in pts]
         ax_t.plot(ns, [float(r["ms_p50"]) for r in pts], ls, label=label, **mk)
@@ -85,17 +85,23 @@ def plot_csv(csv_path: str, png_path: str, title: Optional[str] = None) -> bool:
         floor = [FLOP_FACTOR.get(first["mode"], 8) * logit_shape(first["op"], n)[0]
                  * logit_shape(first["op"], n)[1] * d / rate * 1e3 for n in ns]
         ax_t.plot(ns, floor, ":", color="black", lw=1.2, label="floor at gemm_ceiling rate")
-    xlabel = "batch B" if first["op"].startswith("gradcache") else "N"
-    ax_t.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="ms (median; band p20–p80)",
+    xlabel = "batch B" if first["op"].startswith("gradcache") else "N (= M)"
+    ax_t.set(xscale="log", yscale="log", xlabel=xlabel,
+             ylabel="ms (median; band p20–p80) — lower is better",
              title=title or f"{first['op']} {first['mode']}, {first['dtype']}, D={first['d']}")
-    ax_m.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="peak extra memory (MiB)",
+    ax_m.set(xscale="log", yscale="log", xlabel=xlabel,
+             ylabel="peak extra memory (MiB) — lower is better",
              title="peak memory beyond the inputs")
     for ax in (ax_t, ax_m):
         ax.grid(True, which="both", alpha=0.3)
         ax.set_xscale("log", base=2)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(f"{first['device']} · torch {first['torch']} · commit {first['commit']}", fontsize=9)
+    loads = [v for v in (as_float(r.get("loadavg")) for r in data) if v is not None]
+    load = f" · load average {min(loads):.1f}–{max(loads):.1f}" if loads else ""
+    isa = f" · ISA {first['isa']}" if first.get("isa") else ""
+    fig.suptitle(f"{first['device']}{isa} · torch {first['torch']} · commit {first['commit']}{load}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)

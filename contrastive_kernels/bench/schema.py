@@ -17,11 +17,13 @@ COLUMNS = (
     "config", "op", "provider", "ours", "mode", "dtype", "n", "m", "d",
     "ms_p50", "ms_p20", "ms_p80", "repeats", "peak_mem_mb",
     "tflops", "pct_roof", "speedup_vs_dense", "gbps",
-    "device", "threads", "timer", "loadavg", "torch", "triton", "commit", "note",
+    "device", "isa", "threads", "timer", "loadavg", "torch", "triton", "commit", "note",
 )
 # Units: ms (wall time of one call), MiB (peak memory beyond the inputs), TFLOP/s (the op family's
 # exact fused FLOP count divided by time, whatever the provider really executes), % of the same
-# run's roof row, GB/s (bandwidth rows only).
+# run's roof row, GB/s (bandwidth rows only). ``isa``: the native CPU kernels' SIMD path
+# (``torch.ops.ck_native.cpu_isa()``: avx512 / avx2 / scalar) on CPU rows; ``loadavg``: the 1-minute load average when
+# the row was measured (above the core count, the timings are noisy).
 
 
 def loadavg() -> str:
@@ -74,13 +76,26 @@ def git_commit() -> str:
         return "unknown"
 
 
+def cpu_isa() -> str:
+    """The SIMD path of the native CPU kernels, or why there is none."""
+    try:
+        import torch
+
+        from .. import _native
+        ok, _ = _native.load()
+        return torch.ops.ck_native.cpu_isa() if ok else "n/a (no native extension)"
+    except Exception as exc:  # noqa: BLE001 - a fact for the CSV, never a failure
+        return f"n/a ({type(exc).__name__})"
+
+
 def base_facts(device, timer: str) -> dict:
-    """The per-run columns: device, versions, commit, threads, timer."""
+    """The per-run columns: device, CPU ISA, versions, commit, threads, timer."""
     import torch
 
-    return dict(device=device_name(device), torch=torch.__version__, triton=triton_version(),
-                commit=git_commit(), timer=timer,
-                threads=torch.get_num_threads() if device.type == "cpu" else "")
+    on_cpu = device.type == "cpu"
+    return dict(device=device_name(device), isa=cpu_isa() if on_cpu else "",
+                torch=torch.__version__, triton=triton_version(), commit=git_commit(),
+                timer=timer, threads=torch.get_num_threads() if on_cpu else "")
 
 
 def _fmt(v) -> str:

@@ -1,6 +1,7 @@
 """Helpers shared by the experiment scripts: backend choice, tables, output files."""
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import platform
@@ -10,6 +11,31 @@ from typing import Iterable, Sequence
 import torch
 
 from .. import backends
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and each option's default shown once: appended unless the
+    help text already states it, and never for flags or options whose default is None."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+def quick_out(name: str) -> str:
+    """Where a ``--quick`` smoke run writes: never the committed ``experiments/results/`` that the
+    README embeds (``results_local/`` is git-ignored)."""
+    return os.path.join("results_local", f"{name}-quick")
+
+
+def output_folder(out, quick: bool, default: str, name: str):
+    """The ``--out`` in force: as given ('' → None: write nothing), else the full run's default or,
+    for ``--quick``, :func:`quick_out`."""
+    if out is not None:
+        return out or None
+    return quick_out(name) if quick else default
 
 
 def pick_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:

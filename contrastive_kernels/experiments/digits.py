@@ -38,6 +38,7 @@ from torch import nn
 from .. import functional
 from ..gamma import GammaContrastiveLoss
 from . import _common
+from ._common import output_folder, quick_out
 
 METHODS = ("infonce", "gamma", "ema", "batch")
 COLOURS = {"infonce": "tab:red", "gamma": "tab:blue", "ema": "tab:green", "batch": "tab:orange"}
@@ -236,19 +237,21 @@ def parse_args(argv):
     d = Config()
     p = argparse.ArgumentParser(prog="contrastive-kernels experiment digits",
                                 description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_common.HelpFormatter)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                    help=f"default {list(d.batch_sizes)} ({[16, 64]} with --quick)")
-    p.add_argument("--methods", nargs="+", default=list(d.methods), choices=METHODS)
-    p.add_argument("--seeds", type=int, default=d.seeds)
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--methods", nargs="+", default=list(d.methods), choices=METHODS, help="methods to compare")
+    p.add_argument("--seeds", type=int, default=d.seeds, help="runs per (method, batch size)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs per run")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
-    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--temperature", type=float, default=d.temperature, help="InfoNCE temperature τ (logit scale 1/τ)")
     p.add_argument("--update-weight", type=float, default=d.update_weight, help="γ of the E-step")
     p.add_argument("--shape", type=float, default=d.shape, help="Gamma shape a")
-    p.add_argument("--backend", default=d.backend)
+    p.add_argument("--backend", default=d.backend, help="backend of the fused ops (auto, reference, chunked, cpu, ...)")
     p.add_argument("--seed", type=int, default=d.seed, help="base seed")
-    p.add_argument("--out", default=d.out, help="output folder ('' for none)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default {}; with --quick {}, so a smoke run never "
+                        "overwrites the committed results; '' for none)".format(d.out, quick_out("digits")))
     p.add_argument("--tag", default="digits", help="file-name stem of the outputs")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (small matrices: 1 is fastest on a shared machine)")
@@ -257,7 +260,7 @@ def parse_args(argv):
     cfg = Config(batch_sizes=tuple(a.batch_sizes or d.batch_sizes), methods=tuple(a.methods), seeds=a.seeds,
                  epochs=a.epochs, lr=a.lr, temperature=a.temperature,
                  update_weight=a.update_weight, shape=a.shape, backend=a.backend, seed=a.seed,
-                 out=a.out or None)
+                 out=output_folder(a.out, a.quick, d.out, "digits"))
     if a.quick:
         cfg.seeds, cfg.epochs = 1, 1
         if a.batch_sizes is None:

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._common import HelpFormatter, output_folder, quick_out
 from ..modality import ModalityStructureLoss
 from ._common import environment_line, format_table, pick_backend, pyplot, write_csv
 
@@ -307,29 +308,28 @@ def plot(summary, path: str, cfg: Config) -> None:
     plt.close(fig)
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="contrastive-kernels experiment modality",
                                 description=__doc__.split("\n\n")[0],
-                                formatter_class=_HelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the experiment's own, 1 with --quick)")
     p.add_argument("--dim", type=int, default=None, help="embedding dimension D (default 8)")
-    p.add_argument("--n-train", type=int, default=None)
-    p.add_argument("--backend", default="auto")
+    p.add_argument("--n-train", type=int, default=None, help="training pairs (default: the experiment's own, 384 with --quick)")
+    p.add_argument("--backend", default="auto", help="backend of the fused ops (auto, reference, chunked, cpu, ...)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the models are tiny, more threads only add "
                         "synchronisation)")
-    p.add_argument("--out", default=os.path.join("experiments", "results"),
-                   help="output folder (files PREFIX_results.{csv,md,png}, PREFIX_summary.csv)")
-    p.add_argument("--prefix", default="modality", help="output file prefix (default modality)")
+    p.add_argument("--out", default=None,
+                   help="output folder (files PREFIX_results.{csv,md,png}, PREFIX_summary.csv; "
+                        f"default experiments/results, with --quick {quick_out('modality')})")
+    p.add_argument("--prefix", default="modality", help="output file prefix")
     args = p.parse_args(argv)
+    args.out = output_folder(args.out, args.quick, os.path.join("experiments", "results"),
+                             "modality")
 
     cfg = Config()
     if args.quick:

@@ -48,6 +48,7 @@ import torch
 from .. import functional
 from ..gamma import GammaContrastiveLoss
 from . import _common
+from ._common import output_folder, quick_out
 
 METHODS = ("infonce", "gamma", "ema", "batch")
 THETA_STAR = 1.0
@@ -230,23 +231,25 @@ def parse_args(argv) -> tuple[Config, argparse.Namespace]:
     d = Config()
     p = argparse.ArgumentParser(prog="contrastive-kernels experiment synthetic",
                                 description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_common.HelpFormatter)
     p.add_argument("--noises", type=float, nargs="+", default=list(d.noises), help="σ values")
     p.add_argument("--seeds", type=int, default=d.seeds, help="runs per (method, σ)")
-    p.add_argument("--methods", nargs="+", default=list(d.methods), choices=METHODS)
-    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--methods", nargs="+", default=list(d.methods), choices=METHODS, help="methods to compare")
+    p.add_argument("--steps", type=int, default=d.steps, help="SGD steps per run")
     p.add_argument("--anchors", type=int, default=d.anchors, help="size of the finite anchor set")
     p.add_argument("--batch", type=int, default=d.batch, help="anchors and candidates per step")
     p.add_argument("--lr", type=float, default=d.lr, help="initial SGD step size (cosine decay)")
     p.add_argument("--update-weight", type=float, default=d.update_weight, help="γ of the E-step")
     p.add_argument("--shape", type=float, default=d.shape, help="Gamma shape a")
     p.add_argument("--offset", type=float, default=d.offset, help="anchor offsets μ_i ~ U(±offset)")
-    p.add_argument("--theta0", type=float, default=d.theta0)
+    p.add_argument("--theta0", type=float, default=d.theta0, help="starting θ (the optimum is θ* = 1)")
     p.add_argument("--tolerance", type=float, default=d.tolerance, help="a hit: |θ − 1| ≤ tolerance")
-    p.add_argument("--record-every", type=int, default=d.record_every)
-    p.add_argument("--backend", default=d.backend)
+    p.add_argument("--record-every", type=int, default=d.record_every, help="record θ every this many steps")
+    p.add_argument("--backend", default=d.backend, help="backend of the fused ops (auto, reference, chunked, cpu, ...)")
     p.add_argument("--seed", type=int, default=d.seed, help="base seed")
-    p.add_argument("--out", default=d.out, help="output folder ('' for none)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default {}; with --quick {}, so a smoke run never "
+                        "overwrites the committed results; '' for none)".format(d.out, quick_out("synthetic")))
     p.add_argument("--tag", default="synthetic", help="file-name stem of the outputs")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: the ops are tiny, threads only add overhead)")
@@ -255,7 +258,8 @@ def parse_args(argv) -> tuple[Config, argparse.Namespace]:
     cfg = Config(noises=tuple(a.noises), seeds=a.seeds, methods=tuple(a.methods), steps=a.steps,
                  anchors=a.anchors, batch=a.batch, lr=a.lr, update_weight=a.update_weight,
                  shape=a.shape, offset=a.offset, theta0=a.theta0, tolerance=a.tolerance,
-                 record_every=a.record_every, backend=a.backend, seed=a.seed, out=a.out or None)
+                 record_every=a.record_every, backend=a.backend, seed=a.seed,
+                 out=output_folder(a.out, a.quick, d.out, "synthetic"))
     if a.quick:
         cfg.noises, cfg.seeds, cfg.steps, cfg.anchors, cfg.batch = (0.5, 1.5), 2, 40, 16, 4
         cfg.record_every = 5
