@@ -4,6 +4,7 @@ one tolerance rule (``helpers.assert_relative_rule``; float64 paths at 1e-10 rel
 here under its interpreter (32- and 16-bit, small shapes); knob variants stay in the per-backend
 files (test_triton.py, test_native_cpu*.py, test_cuda.py)."""
 import math
+import os
 
 import pytest
 import torch
@@ -542,3 +543,101 @@ def test_supcon_without_positive_or_negative_pairs_is_zero_with_zero_gradient(ba
     assert torch.equal(f.grad, torch.zeros_like(f)) and float(s.grad) == 0.0
     per = ck.supcon_loss(f.detach(), lab, 10.0, reduction="none", backend=backend)
     assert torch.equal(per, torch.zeros(n, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------
+# every loss and module, every reduction, a non-uniform upstream gradient
+# ---------------------------------------------------------------------------------------------
+
+# name -> (ours(features..., scalars..., backend=, reduction=), oracle(..., reduction=), builder)
+# The builder returns (features, scalars, rows of the "none" output). Ragged sizes, odd D.
+def _reduction_case(name):
+    n, m, d = 7, 37, 13
+    if name in ("info_nce", "InfoNCELoss"):
+        q, k = make_features(n, m, d, seed=21)
+        lab = torch.randint(0, m, (n,), generator=torch.Generator().manual_seed(2))
+        if name == "info_nce":
+            ours = lambda q, k, s, backend, reduction: ck.info_nce(q, k, s, lab, reduction=reduction,
+                                                                    backend=backend)
+        else:
+            ours = lambda q, k, s, backend, reduction: ck.InfoNCELoss(
+                reduction=reduction, backend=backend)(q, k, s, lab)
+        ref = lambda q, k, s, reduction: reference.info_nce(q, k, s, lab, reduction)
+        return ours, ref, (q, k), (14.0,), n
+    if name == "clip":
+        a, b = make_features(n, n, d, seed=22)
+        return (lambda a, b, s, backend, reduction: ck.clip_loss(a, b, s, reduction=reduction,
+                                                                 backend=backend),
+                lambda a, b, s, reduction: reference.clip_loss(a, b, s, reduction=reduction),
+                (a, b), (1 / 0.07,), n)
+    if name in ("nt_xent", "NTXentLoss"):
+        a, b = _views(n, d, seed=23)
+        if name == "nt_xent":
+            ours = lambda a, b, s, backend, reduction: ck.nt_xent_loss(a, b, s, reduction=reduction,
+                                                                       backend=backend)
+        else:
+            ours = lambda a, b, s, backend, reduction: ck.NTXentLoss(
+                reduction=reduction, backend=backend)(a, b, s)
+        return ours, lambda a, b, s, reduction: reference.nt_xent_loss(a, b, s, reduction), \
+            (a, b), (10.0,), 2 * n
+    if name in ("supcon", "SupConLoss"):
+        f, _ = make_features(2 * n + 1, 1, d, seed=24)
+        lab = _class_labels(2 * n + 1, 4)
+        if name == "supcon":
+            ours = lambda f, s, backend, reduction: ck.supcon_loss(f, lab, s, reduction=reduction,
+                                                                   backend=backend)
+        else:
+            ours = lambda f, s, backend, reduction: ck.SupConLoss(
+                reduction=reduction, backend=backend)(f, lab, s)
+        return ours, lambda f, s, reduction: reference.supcon_loss(f, lab, s, reduction=reduction), \
+            (f,), (10.0,), 2 * n + 1
+    if name == "supcon_ref":
+        f, r = make_features(n, m, d, seed=25)
+        lab, rlab = _class_labels(n, 3), _class_labels(m, 3, seed=9)
+        return (lambda f, r, s, backend, reduction: ck.supcon_loss(
+                    f, lab, s, ref_features=r, ref_labels=rlab, reduction=reduction, backend=backend),
+                lambda f, r, s, reduction: reference.supcon_loss(f, lab, s, r, rlab, reduction),
+                (f, r), (10.0,), n)
+    if name in ("siglip", "siglip_labels"):
+        i, t = make_features(n + 6, n + 6, d, seed=26)
+        lab = _class_labels(n + 6, 4) if name == "siglip_labels" else None
+        return (lambda i, t, s, b, backend, reduction: ck.siglip_loss(
+                    i, t, s, b, labels=lab, reduction=reduction, backend=backend),
+                lambda i, t, s, b, reduction: reference.siglip_loss(i, t, s, b, lab, reduction),
+                (i, t), (10.0, -5.0), n + 6)
+    raise AssertionError(name)
+
+
+REDUCTION_LOSSES = ["info_nce", "InfoNCELoss", "clip", "nt_xent", "NTXentLoss", "supcon",
+                    "SupConLoss", "supcon_ref", "siglip", "siglip_labels"]
+
+
+def _upstream(reduction, rows):
+    # not all ones: a loss off by a constant factor in one mode, or a gradient that ignores the
+    # upstream weights, must show
+    g = torch.Generator().manual_seed(rows)
+    if reduction == "none":
+        return torch.rand(rows, generator=g, dtype=torch.float64) * 2 - 0.5
+    return torch.tensor(0.7371, dtype=torch.float64)
+
+
+def _check_reduction(name, reduction, dtype, backend):
+    ours, ref, feats, scalars, rows = _reduction_case(name)
+    conform(lambda *a, backend: ours(*a, backend=backend, reduction=reduction),
+            lambda *a: ref(*a, reduction=reduction), feats, scalars, dtype, backend,
+            upstream=_upstream(reduction, rows))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name", REDUCTION_LOSSES)
+def test_every_loss_and_reduction_float64(backend, name, reduction):
+    _check_reduction(name, reduction, torch.float64, backend)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name", REDUCTION_LOSSES)
+def test_every_loss_and_reduction_triton(name, reduction, monkeypatch):
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors: triton runs them only under its interpreter")
+    require_backend("triton")
+    _check_reduction(name, reduction, torch.float32, "triton")
