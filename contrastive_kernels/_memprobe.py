@@ -61,10 +61,29 @@ _t0 = time.perf_counter()
 {code}
 _seconds = time.perf_counter() - _t0
 _peak = _hwm()
-print({tag!r} + json.dumps({{"extra_bytes": _peak - max(_base, _hwm_before if not _reset_ok else _base),
-                             "base_bytes": _base, "peak_bytes": _peak, "seconds": _seconds,
-                             "reset_ok": _reset_ok, "result": result}}), flush=True)
+print({tag!r} + json.dumps({{"extra_bytes": _peak - _base, "base_bytes": _base,
+                             "hwm_after_reset": _hwm_before, "peak_bytes": _peak,
+                             "seconds": _seconds, "reset_ok": _reset_ok, "result": result}}),
+      flush=True)
 '''
+
+
+# After a working reset the high-water mark equals the resident set (to allocator noise).
+RESET_SLACK_BYTES = 8 << 20
+
+
+def _check_reset(out: dict) -> None:
+    """A probe whose high-water mark was not reset would read the setup's peak, not the code's:
+    it reported 0 bytes for a code that allocated less than its setup. Refuse to measure instead."""
+    if not out["reset_ok"]:
+        raise RuntimeError("memory probe: cannot reset the process's high-water mark "
+                           "(/proc/self/clear_refs is not writable here), so VmHWM would report "
+                           "the setup's peak, not the code's; no measurement")
+    stale = out["hwm_after_reset"] - out["base_bytes"]
+    if stale > RESET_SLACK_BYTES:
+        raise RuntimeError(f"memory probe: the high-water mark stayed {stale / 2**20:.0f} MiB above "
+                           "the resident set after the reset (the kernel ignored clear_refs); "
+                           "no measurement")
 
 
 def available() -> bool:
@@ -97,7 +116,9 @@ def peak_extra_bytes(code: str, *, setup: str = "", warmup: str = "",
                           env=child_env, cwd=cwd, timeout=timeout)
     for line in proc.stdout.splitlines():
         if line.startswith(_TAG):
-            return json.loads(line[len(_TAG):])
+            out = json.loads(line[len(_TAG):])
+            _check_reset(out)
+            return out
     tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
     raise RuntimeError(f"memory probe child failed (exit {proc.returncode}):\n{tail}")
 

@@ -235,3 +235,25 @@ def test_grad_cache_whole_step_memory_at_16384(control_16384):
     print(f"B=16384: plain {plain['extra_bytes'] / MIB:.0f} MiB, cached {cached['extra_bytes'] / MIB:.0f} "
           f"MiB, ratio {ratio:.3f}")
     assert ratio <= 0.3, (plain, cached)
+
+
+def test_probe_refuses_to_measure_without_a_reset():
+    # A failed reset used to report the setup's peak minus itself: 0 bytes. It must raise instead.
+    with pytest.raises(RuntimeError, match="cannot reset"):
+        _memprobe.peak_extra_bytes("x = bytearray(1 << 20)", setup="_reset_hwm = lambda: False")
+
+
+def test_probe_refuses_a_reset_the_kernel_ignored():
+    # reset "succeeds" but the high-water mark keeps the warm-up's 256 MiB peak
+    with pytest.raises(RuntimeError, match="stayed"):
+        _memprobe.peak_extra_bytes("x = bytearray(1 << 20)",
+                                   setup="_reset_hwm = lambda: True",
+                                   warmup="_w = bytearray(256 << 20); _w[::4096] = b'x' * len(_w[::4096]); del _w")
+
+
+def test_probe_sees_an_allocation_after_a_larger_warmup():
+    # with the reset working, a warm-up peak larger than the code's does not hide the code's peak
+    out = _memprobe.peak_extra_bytes(
+        "x = bytearray(64 << 20); x[::4096] = b'x' * len(x[::4096]); del x",
+        warmup="_w = bytearray(256 << 20); _w[::4096] = b'x' * len(_w[::4096]); del _w")
+    assert 48 << 20 < out["extra_bytes"] < 128 << 20, out
