@@ -15,10 +15,13 @@ import torch
 from .._types import stat_dtype
 from .reference import block_grad, block_stats, sigmoid_block
 
-# Elements of one chunk of S (float32: 64 MiB). Large enough that each block matmul runs near the
-# BLAS rate, small enough to be O((N + M)·chunk), not O(N·M). Read at import (CK_CHUNK_ELEMENTS);
+# Elements of one chunk of S (float32: 16 MiB). Large enough that each block matmul runs near the
+# BLAS rate, small enough to be O((N + M)·chunk), not O(N·M): the backward keeps ~5 blocks alive
+# (S, G, exp temporaries), ~80 MiB, which tests/test_memory.py bounds at this shipped size. 2^22
+# was also faster than the earlier 2^24 on the CPU (clip fwd+bwd N = M = 8192, D = 256, 2 threads:
+# 0.80× the time, medians of 4 alternating runs, 2026-12-02). Read at import (CK_CHUNK_ELEMENTS);
 # tests override the attribute.
-CHUNK_ELEMENTS = int(os.environ.get("CK_CHUNK_ELEMENTS", 1 << 24))
+CHUNK_ELEMENTS = int(os.environ.get("CK_CHUNK_ELEMENTS", 1 << 22))
 
 
 def row_block(n: int, m: int) -> int:
