@@ -181,3 +181,21 @@ def open_clip_loss_module():
 
 
 __all__ = [name for name in dir() if not name.startswith("_")] + ["reference"]
+
+
+# ---------------------------------------------------------------------------------------------
+# SIMD paths of the native CPU kernels
+# ---------------------------------------------------------------------------------------------
+
+ISA_ORDER = ("scalar", "avx2", "avx512")
+
+
+def select_isa(monkeypatch, isa: str) -> None:
+    """Run the native CPU kernels on SIMD path ``isa`` (CK_CPU_ISA) and prove it is the one that
+    runs: a CPU without it would silently lower the path and re-test a lower one, so skip there."""
+    monkeypatch.delenv("CK_CPU_ISA", raising=False)
+    best = torch.ops.ck_native.cpu_isa()
+    if ISA_ORDER.index(isa) > ISA_ORDER.index(best):
+        pytest.skip(f"this CPU's best SIMD path is {best}: {isa} cannot run here")
+    monkeypatch.setenv("CK_CPU_ISA", isa)
+    assert torch.ops.ck_native.cpu_isa() == isa, f"asked for {isa}, running {torch.ops.ck_native.cpu_isa()}"

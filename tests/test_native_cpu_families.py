@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from helpers import IN_CI, assert_close_f64, assert_relative_rule
+from helpers import IN_CI, assert_close_f64, assert_relative_rule, select_isa
 
 _native = pytest.importorskip("contrastive_kernels._native")
 _ok, _why = _native.load()
@@ -271,7 +271,7 @@ def test_lse_scale_100_unnormalised(dtype, mode):
 def test_lse_rounding_contract(monkeypatch, isa, mode):
     """With a single positive per row, pos is the very tile element the row's log-sum-exp saw, so
     row_lse − pos ≥ 0 exactly in float32 (scale 100, unnormalised: |S| ~ 10^4)."""
-    monkeypatch.setenv("CK_CPU_ISA", isa)
+    select_isa(monkeypatch, isa)
     n = 257
     q, k = features(n, n, 37, torch.float32, seed=9, norm=False, same=mode == "exclude")
     scale = torch.tensor(100.0)
@@ -295,7 +295,7 @@ def test_lse_rounding_contract(monkeypatch, isa, mode):
 def test_lse_code_paths(monkeypatch, isa, env):
     """Every SIMD path, and tiles whose rows or columns hold only an excluded element (the online
     max rescale then sees −inf on both sides and must stay NaN-free)."""
-    monkeypatch.setenv("CK_CPU_ISA", isa)
+    select_isa(monkeypatch, isa)
     for key, val in env.items():
         monkeypatch.setenv(key, val)
     for n, m, d in [(37, 40, 7), (41, 33, 19)]:
@@ -387,7 +387,7 @@ def test_sigmoid_small_terms_keep_relative_accuracy():
 @pytest.mark.parametrize("env", [{}, {"CK_CPU_BLOCK_ROWS": "16", "CK_CPU_BLOCK_COLS": "48"}],
                          ids=["default", "small-tiles"])
 def test_sigmoid_code_paths(monkeypatch, isa, env):
-    monkeypatch.setenv("CK_CPU_ISA", isa)
+    select_isa(monkeypatch, isa)
     for key, val in env.items():
         monkeypatch.setenv(key, val)
     cases = [(37, 40, 7, "diagonal"), (41, 33, 19, "classes"), (23, 50, 5, "negatives")]
