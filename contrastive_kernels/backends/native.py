@@ -2,7 +2,7 @@
 
 One schema (csrc/ops.cpp) with a kernel per dispatch key — csrc/cpu for CPU tensors, csrc/cuda for
 CUDA tensors — so both backends are the same calls; the dispatcher picks the device's kernel. The
-CUDA kernels implement the plain log-sum-exp family only (``backends.CAPABILITIES``): exclusion,
+CUDA kernels implement the plain log-sum-exp family only (``backends.MISSING``): exclusion,
 class positives and the sigmoid family never reach them.
 """
 from __future__ import annotations
