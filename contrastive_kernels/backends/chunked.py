@@ -3,8 +3,9 @@
 Each block of rows of S is materialised (``CHUNK_ELEMENTS`` elements at most), reduced and dropped,
 so memory is O((N + M)·D + chunk) rather than O(N·M); the backward recomputes every block. It is the
 fallback of ``auto`` wherever no compiled backend runs, and the yardstick of the fused kernels'
-speed-up. The per-block formulas are the reference backend's (``reference.block_*``), so the two
-can only differ by the blocking.
+speed-up. The per-block formulas are shared with the reference backend (``_blocks``), so the two
+can only differ by the blocking; the tests judge both against the independent oracle
+``contrastive_kernels.reference``.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import os
 import torch
 
 from .._types import stat_dtype
-from .reference import block_grad, block_stats, sigmoid_block
+from ._blocks import block_grad, block_stats, sigmoid_block
 
 # Elements of one chunk of S (float32: 16 MiB). Large enough that each block matmul runs near the
 # BLAS rate, small enough to be O((N + M)·chunk), not O(N·M): the backward keeps ~5 blocks alive

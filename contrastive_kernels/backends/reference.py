@@ -1,7 +1,9 @@
 """``reference`` backend: the op families computed densely (materialises S), for checking only.
 
-Same callables and contract as every backend (docs/internals.md); memory O(N·M). The block helpers
-here are shared with ``chunked``, which applies them to one block of rows at a time.
+Same callables and contract as every backend (docs/internals.md); memory O(N·M). It applies the
+block helpers of ``_blocks`` (shared with ``chunked``, which applies them one block of rows at a
+time) to all rows at once; the tests judge both against the independent dense oracle
+``contrastive_kernels.reference``, never against each other.
 """
 from __future__ import annotations
 
@@ -9,74 +11,7 @@ import torch
 from torch import Tensor
 
 from .._types import stat_dtype
-
-
-def excluded(rows: Tensor, m: int) -> Tensor:
-    """(R, M) bool: the self pair (i, i) of each global row i (never true past column M − 1)."""
-    return rows[:, None] == torch.arange(m, device=rows.device)[None, :]
-
-
-def class_positives(rows: Tensor, row_classes: Tensor, col_classes: Tensor,
-                    exclude_self: bool) -> Tensor:
-    """(R, M) bool: P(i) = {j : class_j = class_i, (i, j) not excluded} for the global rows."""
-    hit = row_classes[rows][:, None] == col_classes[None, :]
-    if exclude_self:
-        hit &= ~excluded(rows, col_classes.shape[0])
-    return hit
-
-
-def block_stats(s: Tensor, rows: Tensor, labels, row_classes, col_classes, exclude_self: bool):
-    """Row LSE, the block's column LSE, positives and their count for a block of rows of S.
-
-    ``s`` (R, M) holds the rounded logits of the global ``rows``; returns ``(row_lse (R,),
-    col_lse_part (M,), pos (R,), count (R,) or None)``. Positives are read from ``s`` itself: the
-    same rounded elements that enter the log-sum-exp (docs/math.md §6, *Rounding*). An excluded
-    element is never a positive: a label on the self pair under ``exclude_self`` gives pos 0.
-    """
-    masked = s.masked_fill(excluded(rows, s.shape[1]), float("-inf")) if exclude_self else s
-    row = torch.logsumexp(masked, dim=1)
-    col = torch.logsumexp(masked, dim=0)
-    if row_classes is not None:
-        hit = class_positives(rows, row_classes, col_classes, exclude_self)
-        pos = torch.where(hit, s, 0.0).sum(dim=1)
-        return row, col, pos, hit.sum(dim=1).to(s.dtype)
-    cols = labels[rows] if labels is not None else rows
-    pos = s.gather(1, cols[:, None]).squeeze(1)
-    if exclude_self:  # a labelled positive on the excluded self pair: the row has none
-        pos = torch.where(cols == rows, 0.0, pos)
-    return row, col, pos, None
-
-
-def block_grad(s: Tensor, rows: Tensor, labels, row_classes, col_classes, exclude_self: bool,
-               row_lse, col_lse, grad_row, grad_col, grad_pos) -> Tensor:
-    """G = ∂L/∂S for a block of rows of S (docs/math.md §2); ``s`` is left unchanged.
-
-    Built in place (at most three S-sized blocks alive). Excluded elements get exactly 0 by a
-    select: their exponential may be inf·0 = NaN when a row has nothing left (row_lse = −inf).
-    Positives never lie on an excluded element: a label pointing at the self pair under
-    ``exclude_self`` means the row has no positive (its ``pos`` is 0, its ``grad_pos`` unused).
-    """
-    g = None
-    if grad_row is not None:
-        g = torch.sub(s, row_lse[rows, None]).exp_().mul_(grad_row[rows, None])
-    if grad_col is not None:
-        t = torch.sub(s, col_lse[None, :]).exp_().mul_(grad_col[None, :])
-        g = t if g is None else g.add_(t)
-    if g is None:
-        g = torch.zeros_like(s)
-    elif exclude_self:
-        g.masked_fill_(excluded(rows, s.shape[1]), 0.0)
-    if grad_pos is not None:
-        if row_classes is not None:
-            hit = class_positives(rows, row_classes, col_classes, exclude_self)
-            g.add_(torch.where(hit, grad_pos[rows, None], 0.0))
-        else:
-            cols = labels[rows] if labels is not None else rows
-            gp = grad_pos[rows]
-            if exclude_self:  # no positive on the excluded self pair (see block_stats)
-                gp = torch.where(cols == rows, 0.0, gp)
-            g.index_put_((torch.arange(s.shape[0], device=s.device), cols), gp, accumulate=True)
-    return g
+from ._blocks import block_grad, block_stats, sigmoid_block
 
 
 def logits(query: Tensor, keys: Tensor, scale: Tensor) -> Tensor:
@@ -107,25 +42,6 @@ def lse_bwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, 
 # ---------------------------------------------------------------------------------------------
 # sigmoid family (docs/math.md §7)
 # ---------------------------------------------------------------------------------------------
-
-def signs(rows: Tensor, m: int, row_classes, col_classes, diagonal: bool, dtype) -> Tensor:
-    """z (R, M): +1 on positive pairs (equal classes, or the diagonal), −1 elsewhere."""
-    if row_classes is not None:
-        pos = row_classes[rows][:, None] == col_classes[None, :]
-    elif diagonal:
-        pos = excluded(rows, m)
-    else:
-        return torch.full((rows.shape[0], m), -1.0, dtype=dtype, device=rows.device)
-    return torch.where(pos, 1.0, -1.0).to(dtype)
-
-
-def sigmoid_block(s: Tensor, rows: Tensor, bias: Tensor, row_classes, col_classes, diagonal: bool):
-    """(row sums of softplus(−z·L) (R,), x = −z·L (R, M), z) for a block of rows of S."""
-    z = signs(rows, s.shape[1], row_classes, col_classes, diagonal, s.dtype)
-    x = -z * (s + bias.to(s.dtype))
-    # log(1 + e^x) exactly: F.softplus switches to x above 20 (an e^-20 error, 2e-9)
-    return torch.logaddexp(x, torch.zeros_like(x)).sum(dim=1), x, z
-
 
 def sigmoid_fwd(query, keys, scale, bias, row_classes, col_classes, diagonal):
     s = logits(query, keys, scale)
