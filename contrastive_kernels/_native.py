@@ -26,6 +26,7 @@ def load() -> tuple[bool, str]:
                 import torch
 
                 torch.ops.ck_native.lse_fwd  # noqa: B018 - the schema must now be registered
+                _register_fakes()
                 _result = (True, "")
             except ImportError as exc:
                 _result = (False, "contrastive_kernels._C not built: "
@@ -58,3 +59,42 @@ def has_cpu_kernels() -> bool:
         return bool(torch._C._dispatch_has_kernel_for_dispatch_key("ck_native::lse_fwd", "CPU"))
     except Exception:
         return False
+
+
+def _register_fakes() -> None:
+    """Fake (meta) kernels of the native ops: shapes and dtypes only, so ``torch.compile``,
+    ``torch.export`` and ``opcheck`` can trace the ``ck_native`` ops themselves (the
+    ``contrastive_kernels::`` ops around them have their own). Statistics and gradients are in
+    the statistic dtype (float64 for float64 inputs, else float32), as the C++ kernels return."""
+    import torch
+
+    from ._types import stat_dtype
+
+    def fake_lse_fwd(query, keys, scale, labels, row_classes, col_classes, exclude_self,
+                     compute_col):
+        st = stat_dtype(query.dtype)
+        n, m = query.shape[0], keys.shape[0]
+        return (query.new_empty(n, dtype=st), query.new_empty(m if compute_col else 0, dtype=st),
+                query.new_empty(n, dtype=st),
+                query.new_empty(n if row_classes is not None else 0, dtype=st))
+
+    def fake_lse_bwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, row_lse,
+                     col_lse, grad_row, grad_col, grad_pos):
+        st = stat_dtype(query.dtype)
+        return query.new_empty(query.shape, dtype=st), keys.new_empty(keys.shape, dtype=st)
+
+    def fake_sigmoid_fwd(query, keys, scale, bias, row_classes, col_classes, diagonal):
+        return query.new_empty(query.shape[0], dtype=stat_dtype(query.dtype))
+
+    def fake_sigmoid_bwd(query, keys, scale, bias, row_classes, col_classes, diagonal, grad_row):
+        st = stat_dtype(query.dtype)
+        return (query.new_empty(query.shape, dtype=st), keys.new_empty(keys.shape, dtype=st),
+                query.new_empty(query.shape[0], dtype=st))
+
+    for name, fn in (("lse_fwd", fake_lse_fwd), ("lse_bwd", fake_lse_bwd),
+                     ("sigmoid_fwd", fake_sigmoid_fwd), ("sigmoid_bwd", fake_sigmoid_bwd)):
+        try:
+            torch.library.register_fake(f"ck_native::{name}", fn)
+        except RuntimeError as exc:  # registered already (a second load in one process)
+            if "already" not in str(exc):
+                raise

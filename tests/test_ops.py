@@ -131,3 +131,52 @@ def test_opcheck_sigmoid(fused_backend_plain, dtype, positives):
                           (q.detach(), k.detach(), scale.detach(), bias.detach(), rc, cc, diagonal,
                            grad_row, fused_backend_plain),
                           test_utils=OPCHECK_UTILS)
+
+
+# ---------------------------------------------------------------------------------------------
+# the native ops themselves (ck_native::*), below the contrastive_kernels:: wrappers
+# ---------------------------------------------------------------------------------------------
+
+NATIVE_UTILS = ("test_schema", "test_faketensor")
+
+
+def _native_ops():
+    from contrastive_kernels import _native
+    ok, why = _native.load()
+    if not ok:
+        pytest.skip(why)
+    return torch.ops.ck_native
+
+
+@pytest.mark.parametrize("variant", ["plain", "labels-nocol", "exclude+classes"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+def test_opcheck_native_lse(dtype, variant):
+    ops = _native_ops()
+    q, k, scale, labels = _inputs(dtype, variant.startswith("labels"), requires_grad=False, n=9,
+                                  m=11)
+    rc, cc = _classes(q.shape[0], k.shape[0]) if "classes" in variant else (None, None)
+    exclude = "exclude" in variant
+    compute_col = "nocol" not in variant
+    args = (q, k, scale, labels, rc, cc, exclude, compute_col)
+    torch.library.opcheck(ops.lse_fwd.default, args, test_utils=NATIVE_UTILS)
+    row, col, _, _ = ops.lse_fwd(*args)
+    g = torch.Generator().manual_seed(5)
+    st = stat_dtype(dtype)
+    grads = (torch.randn(q.shape[0], generator=g, dtype=st),
+             torch.randn(k.shape[0], generator=g, dtype=st) if compute_col else None,
+             torch.randn(q.shape[0], generator=g, dtype=st))
+    torch.library.opcheck(ops.lse_bwd.default, (q, k, scale, labels, rc, cc, exclude, row, col,
+                                                *grads), test_utils=NATIVE_UTILS)
+
+
+@pytest.mark.parametrize("positives", ["diagonal", "classes"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+def test_opcheck_native_sigmoid(dtype, positives):
+    ops = _native_ops()
+    q, k, scale, _ = _inputs(dtype, False, requires_grad=False, n=7, m=11)
+    bias = torch.tensor(-2.0, dtype=stat_dtype(dtype))
+    rc, cc = _classes(7, 11) if positives == "classes" else (None, None)
+    args = (q, k, scale, bias, rc, cc, positives == "diagonal")
+    torch.library.opcheck(ops.sigmoid_fwd.default, args, test_utils=NATIVE_UTILS)
+    grad_row = torch.randn(7, dtype=stat_dtype(dtype))
+    torch.library.opcheck(ops.sigmoid_bwd.default, args + (grad_row,), test_utils=NATIVE_UTILS)
