@@ -124,7 +124,9 @@ def _no_autocast(state) -> contextlib.ExitStack:
 # ---------------------------------------------------------------------------------------------
 
 def _tensors(x) -> list[Tensor]:
-    return list(x.values()) if isinstance(x, Mapping) else [x]
+    if isinstance(x, Mapping):
+        return [v for v in x.values() if isinstance(v, Tensor)]
+    return [x]
 
 
 def _batch_size(k: int, x) -> int:
@@ -135,20 +137,22 @@ def _batch_size(k: int, x) -> int:
                              "(the batch), so each needs at least one dimension")
         return x.shape[0]
     if isinstance(x, Mapping):
-        if not x:
-            raise ValueError(f"input {k} is an empty mapping; it needs at least one tensor")
         sizes = {}
         for key, v in x.items():
             if not isinstance(key, str):
                 raise TypeError(f"input {k}: mapping keys are passed as keyword arguments and "
                                 f"must be str, got key {key!r} ({type(key).__name__})")
             if not isinstance(v, Tensor):
-                raise TypeError(f"input {k}: value {key!r} is a {type(v).__name__}; every value "
-                                "of a mapping input must be a tensor batched along dim 0")
+                # not batched (sentence-transformers 6 adds 'modality': 'text'): passed unchanged
+                # to every chunk, never split
+                continue
             if v.dim() == 0:
                 raise ValueError(f"input {k}: tensor {key!r} is 0-d; every tensor of a mapping "
                                  "input must be batched along dim 0")
             sizes[key] = v.shape[0]
+        if not sizes:
+            raise ValueError(f"input {k} is a mapping without any tensor; it needs at least one "
+                             "tensor batched along dim 0")
         if len(set(sizes.values())) != 1:
             raise ValueError(f"input {k}: the tensors of a mapping input must share the batch "
                              f"size (dim 0), got {sizes}")
@@ -159,7 +163,7 @@ def _batch_size(k: int, x) -> int:
 
 def _slice(x, start: int, stop: int):
     if isinstance(x, Mapping):
-        return {key: v[start:stop] for key, v in x.items()}
+        return {key: v[start:stop] if isinstance(v, Tensor) else v for key, v in x.items()}
     return x[start:stop]
 
 

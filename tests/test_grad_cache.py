@@ -155,6 +155,28 @@ def test_dict_inputs_and_callable_models():
     _assert_same(mods, ref, (s,), (s_ref,))
 
 
+def test_feature_dicts_with_non_tensor_entries_pass_them_through():
+    # sentence-transformers 6 feature dicts carry e.g. 'modality': 'text' next to the tensors:
+    # every chunk gets it unchanged, the tensors are split, and the step equals the plain one
+    xi, xt = _data(4)
+    seen = []
+
+    class Encoder(Tower):
+        def forward(self, ids, modality):
+            seen.append(modality)
+            return super().forward(ids)
+
+    mods, ref = [Encoder(1), Tower(2)], [Encoder(1), Tower(2)]
+    ref[0].load_state_dict(mods[0].state_dict())
+    ref[1].load_state_dict(mods[1].state_dict())
+    loss_fn = ck.ClipLoss(backend="chunked")
+    s, s_ref = _leaf(5.0), _leaf(5.0)
+    GradCache(mods, loss_fn, 4)({"ids": xi, "modality": "text"}, xt, logit_scale=s)
+    _plain(ref, loss_fn, ({"ids": xi, "modality": "text"}, xt), logit_scale=s_ref)
+    _assert_same(mods, ref, (s,), (s_ref,))
+    assert seen and set(seen) == {"text"}
+
+
 def test_bound_methods_and_nonleaf_logit_scale():
     xi, xt = _data(3)
     clip, ref = Clip(), Clip()
@@ -398,7 +420,7 @@ CALL_ERRORS = [
     ("models", lambda x: (x[0][:0], x[1][:0]), ValueError, "empty"),
     ("dict", lambda x: ({"ids": x[0], "mask": x[0][:9]}, x[1]), ValueError,
      r"share the batch size.*'ids': 10, 'mask': 9"),
-    ("dict", lambda x: ({"ids": x[0], "mask": 1.0}, x[1]), TypeError, "'mask' is a float"),
+    ("dict", lambda x: ({"note": "text", "scale": 1.0}, x[1]), ValueError, "without any tensor"),
     ("tuple", lambda x: x, TypeError, "model 1 returned a tuple on chunk 0"),
     ("int", lambda x: x, TypeError, "model 1 returned a torch.int64 tensor"),
     ("rows", lambda x: x, ValueError, r"model 1 returned shape \(1, 5\) for chunk 0 of 4 rows"),
