@@ -434,3 +434,29 @@ def test_needs_process_group():
         pytest.skip("a process group is already initialised in this process")
     with pytest.raises(RuntimeError, match="init_process_group"):
         ck.ClipLoss(rank=0, world_size=2)(torch.randn(2, 3), torch.randn(2, 3), 1.0)
+
+
+def test_sizes_travel_host_to_host_under_nccl(monkeypatch):
+    # No NCCL here: the collective layer is replaced by stubs that record what would run. Under
+    # the default NCCL group the sizes must go through one gloo twin (made once, reused) as CPU
+    # tensors, so reading them back never waits for the GPU.
+    from contrastive_kernels.distributed import _comm
+
+    made, gathered = [], []
+    monkeypatch.setattr(_comm, "_HOST_GROUPS", {})
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl" if group is None else "gloo")
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "new_group", lambda **kw: made.append(kw) or "gloo-twin")
+
+    def all_gather(out, t, group=None):
+        gathered.append((group, t.device.type))
+        for o in out:
+            o.copy_(t)
+    monkeypatch.setattr(dist, "all_gather", all_gather)
+    q, k = torch.randn(3, 4), torch.randn(5, 4)
+    for _ in range(2):
+        assert _comm.exchange_sizes(q, k, None) == [(3, 5, 4), (3, 5, 4)]
+    assert made == [{"backend": "gloo"}]
+    assert gathered == [("gloo-twin", "cpu"), ("gloo-twin", "cpu")]
+    # a user subgroup keeps its own backend
+    assert _comm.host_group("subgroup") == "subgroup"

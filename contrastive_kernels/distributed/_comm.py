@@ -32,15 +32,36 @@ def collective_device(like: Tensor, group) -> torch.device:
     return like.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
 
 
+_HOST_GROUPS: dict = {}
+
+
+def host_group(group):
+    """A group whose collectives move CPU tensors, for host-side facts (batch sizes).
+
+    Under NCCL a collective moves CUDA tensors, and reading the gathered sizes back on the host
+    would make every training step wait for the GPU. For the default NCCL group a gloo twin is
+    made once (``new_group`` is collective: every rank makes it at the same first call, as every
+    rank calls the loss in lockstep); sizes then travel host to host, the GPU queue untouched. A
+    user subgroup keeps its own backend (making a twin would need every rank of the world to take
+    part), and so do gloo groups, which move CPU tensors already."""
+    if group is not None or dist.get_backend(group) != "nccl":
+        return group
+    if "default" not in _HOST_GROUPS:
+        _HOST_GROUPS["default"] = dist.new_group(backend="gloo")
+    return _HOST_GROUPS["default"]
+
+
 def exchange_sizes(query: Tensor, keys: Tensor, group) -> list[tuple[int, int, int]]:
     """(N_q, M_k, D) of every rank: one tiny all_gather, so receive buffers have the right size and a
-    mismatch fails with a clear error on every rank instead of hanging or corrupting a receive."""
+    mismatch fails with a clear error on every rank instead of hanging or corrupting a receive.
+    Host to host where it can be (:func:`host_group`), so the GPU never waits for it."""
     w = dist.get_world_size(group)
-    dev = collective_device(query, group)
+    sizes_group = host_group(group)
+    dev = torch.device("cpu") if sizes_group is not group else collective_device(query, group)
     mine = torch.tensor([query.shape[0], keys.shape[0], query.shape[1]], dtype=torch.int64,
                         device=dev)
     allsz = [torch.empty_like(mine) for _ in range(w)]
-    dist.all_gather(allsz, mine, group=group)
+    dist.all_gather(allsz, mine, group=sizes_group)
     sizes = [tuple(int(v) for v in t.tolist()) for t in allsz]
     dims = {d for _, _, d in sizes}
     if len(dims) != 1:
