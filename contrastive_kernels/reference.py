@@ -22,6 +22,8 @@ __all__ = [
     "nt_xent_loss",
     "supcon_loss",
     "siglip_loss",
+    "lse_op",
+    "sigmoid_op",
 ]
 
 
@@ -152,3 +154,76 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     if reduction == "mean":
         return per_row.sum() / n
     return _reduce(per_row, reduction)
+
+
+# ---------------------------------------------------------------------------------------------
+# the two ops' contracts with their backward written out (the kernels' G formula), for the tests
+# of the ops themselves; tests/test_reference.py checks each gradient once against autograd
+# ---------------------------------------------------------------------------------------------
+
+def _op_masks(n: int, m: int, labels, row_classes, col_classes, exclude_self: bool, device):
+    idx_r, idx_c = torch.arange(n, device=device), torch.arange(m, device=device)
+    excluded = (idx_r[:, None] == idx_c[None, :]) if exclude_self else \
+        torch.zeros(n, m, dtype=torch.bool, device=device)
+    if row_classes is not None:
+        positive = row_classes[:, None] == col_classes[None, :]
+    else:
+        lab = _labels(n, labels, device)
+        positive = lab[:, None] == idx_c[None, :]
+    return excluded, positive & ~excluded
+
+
+def lse_op(query: Tensor, keys: Tensor, logit_scale, labels: Optional[Tensor] = None,
+           row_classes: Optional[Tensor] = None, col_classes: Optional[Tensor] = None,
+           exclude_self: bool = False, grad_row: Optional[Tensor] = None,
+           grad_col: Optional[Tensor] = None, grad_pos: Optional[Tensor] = None,
+           dtype: torch.dtype = torch.float64):
+    """The log-sum-exp op densely in ``dtype``: ``(row_lse (N,), col_lse (M,), pos (N,),
+    pos_count (N,) or (0,), grad_query (N, D), grad_keys (M, D))`` with
+    ``G_ij = [kept]·(g_row_i·e^{S_ij − r_i} + g_col_j·e^{S_ij − c_j}) + g_pos_i·[j ∈ P(i)]``,
+    ``grad_query = s·G·K`` and ``grad_keys = s·Gᵀ·Q`` (docs/internals.md's op contract). ``pos`` is
+    the positive logit, or the sum over the class positives (then ``pos_count`` is their number);
+    a label on an excluded self pair is no positive."""
+    q, k = query.to(dtype), keys.to(dtype)
+    n, m = q.shape[0], k.shape[0]
+    s = float(logit_scale)
+    S = s * q @ k.T
+    excluded, positive = _op_masks(n, m, labels, row_classes, col_classes, exclude_self, q.device)
+    Sm = S.masked_fill(excluded, float("-inf"))
+    row, col = torch.logsumexp(Sm, 1), torch.logsumexp(Sm, 0)
+    zero = torch.zeros((), dtype=dtype, device=q.device)
+    pos = torch.where(positive, S, zero).sum(1)
+    count = positive.sum(1).to(dtype) if row_classes is not None else S.new_zeros(0)
+    G = torch.zeros_like(S)
+    if grad_row is not None:
+        G = G + grad_row.to(dtype)[:, None] * torch.where(excluded, zero, torch.exp(Sm - row[:, None]))
+    if grad_col is not None:
+        G = G + grad_col.to(dtype)[None, :] * torch.where(excluded, zero, torch.exp(Sm - col[None, :]))
+    if grad_pos is not None:
+        G = G + grad_pos.to(dtype)[:, None] * positive.to(dtype)
+    return row, col, pos, count, s * G @ k, s * G.T @ q
+
+
+def sigmoid_op(query: Tensor, keys: Tensor, logit_scale, logit_bias, row_classes=None,
+               col_classes=None, diagonal: bool = True, grad_row: Optional[Tensor] = None,
+               dtype: torch.dtype = torch.float64):
+    """The sigmoid op densely in ``dtype``: ``(row_loss (N,), grad_query (N, D), grad_keys (M, D),
+    grad_bias_row (N,))``: row sums of softplus(−z·(S + b)) with z = +1 on positives (equal
+    classes, or the diagonal when ``diagonal``), ``G = g_row·(−z)·σ(−z·(S + b))``, the bias
+    gradient of each row ``Σ_j G_ij``."""
+    q, k = query.to(dtype), keys.to(dtype)
+    n, m = q.shape[0], k.shape[0]
+    s = float(logit_scale)
+    L = s * q @ k.T + float(logit_bias)
+    if row_classes is not None:
+        positive = row_classes[:, None] == col_classes[None, :]
+    else:
+        eye = torch.arange(n, device=q.device)[:, None] == torch.arange(m, device=q.device)[None, :]
+        positive = eye if diagonal else torch.zeros_like(eye)
+    z = torch.where(positive, 1.0, -1.0).to(dtype)
+    x = -z * L
+    loss = torch.logaddexp(x, torch.zeros_like(x)).sum(1)
+    if grad_row is None:
+        grad_row = torch.ones(n, dtype=dtype, device=q.device)
+    G = grad_row.to(dtype)[:, None] * -z * torch.sigmoid(x)
+    return loss, s * G @ k, s * G.T @ q, G.sum(1)

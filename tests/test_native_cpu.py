@@ -7,6 +7,7 @@ import platform
 
 import pytest
 import torch
+from contrastive_kernels import reference
 from helpers import select_isa
 
 _native = pytest.importorskip("contrastive_kernels._native")
@@ -27,23 +28,11 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 4e-5, torch.fl
 
 
 def exact(q, k, scale, labels, grad_row, grad_col, grad_pos, dtype=torch.float64):
-    """Dense formulas of docs/internals.md in `dtype`: (row_lse, col_lse, pos, grad_q, grad_k)."""
-    q, k = q.to(dtype), k.to(dtype)
-    n = q.shape[0]
-    s = float(scale)
-    S = s * q @ k.T
-    r, c = torch.logsumexp(S, 1), torch.logsumexp(S, 0)
-    lab = labels if labels is not None else torch.arange(n)
-    rows = torch.arange(n)
-    pos = S[rows, lab]
-    G = torch.zeros_like(S)
-    if grad_row is not None:
-        G += grad_row.to(dtype)[:, None] * torch.exp(S - r[:, None])
-    if grad_col is not None:
-        G += grad_col.to(dtype)[None, :] * torch.exp(S - c[None, :])
-    if grad_pos is not None:
-        G.index_put_((rows, lab), grad_pos.to(dtype), accumulate=True)
-    return r, c, pos, s * G @ k, s * G.T @ q
+    """The op contract densely in `dtype` (the one oracle, reference.lse_op):
+    (row_lse, col_lse, pos, grad_q, grad_k)."""
+    r, c, pos, _, gq, gk = reference.lse_op(q, k, scale, labels, grad_row=grad_row,
+                                            grad_col=grad_col, grad_pos=grad_pos, dtype=dtype)
+    return r, c, pos, gq, gk
 
 
 def make(n, m, d, dtype, *, labels=False, seed=0, norm=True, scale=10.0):

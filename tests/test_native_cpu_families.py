@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 
+from contrastive_kernels import reference
 from helpers import IN_CI, assert_close_f64, assert_relative_rule, select_isa
 
 _native = pytest.importorskip("contrastive_kernels._native")
@@ -34,62 +35,17 @@ def dtype_id(t):
 # dense formulas
 # ---------------------------------------------------------------------------------------------
 
-def excluded_mask(n, m, exclude_self):
-    e = torch.zeros(n, m, dtype=torch.bool)
-    if exclude_self:
-        d = torch.arange(min(n, m))
-        e[d, d] = True
-    return e
-
-
-def positive_mask(n, m, labels, row_cls, col_cls, excluded):
-    if row_cls is not None:
-        p = row_cls[:, None] == col_cls[None, :]
-    else:
-        p = torch.zeros(n, m, dtype=torch.bool)
-        p[torch.arange(n), labels if labels is not None else torch.arange(n)] = True
-    return p & ~excluded
-
-
 def lse_exact(q, k, scale, labels, row_cls, col_cls, exclude_self, grad_row, grad_col, grad_pos,
               dtype=torch.float64):
-    """(row_lse, col_lse, pos, pos_count, grad_query, grad_keys) of the op contract, in `dtype`."""
-    q, k = q.to(dtype), k.to(dtype)
-    n, m = q.shape[0], k.shape[0]
-    s = float(scale)
-    S = s * q @ k.T
-    E = excluded_mask(n, m, exclude_self)
-    P = positive_mask(n, m, labels, row_cls, col_cls, E)
-    Sm = S.masked_fill(E, -INF)
-    r, c = torch.logsumexp(Sm, 1), torch.logsumexp(Sm, 0)
-    pos = torch.where(P, S, torch.zeros((), dtype=dtype)).sum(1)
-    count = P.sum(1).to(dtype) if row_cls is not None else torch.zeros(0, dtype=dtype)
-    G = torch.zeros_like(S)
-    zero = torch.zeros((), dtype=dtype)
-    if grad_row is not None:
-        G = G + grad_row.to(dtype)[:, None] * torch.where(E, zero, torch.exp(Sm - r[:, None]))
-    if grad_col is not None:
-        G = G + grad_col.to(dtype)[None, :] * torch.where(E, zero, torch.exp(Sm - c[None, :]))
-    if grad_pos is not None:
-        G = G + grad_pos.to(dtype)[:, None] * P.to(dtype)
-    return r, c, pos, count, s * G @ k, s * G.T @ q
+    """(row_lse, col_lse, pos, pos_count, grad_query, grad_keys) of the op contract, in `dtype`:
+    the one dense oracle (contrastive_kernels.reference.lse_op)."""
+    return reference.lse_op(q, k, scale, labels, row_cls, col_cls, exclude_self, grad_row,
+                            grad_col, grad_pos, dtype=dtype)
 
 
 def sigmoid_exact(q, k, scale, bias, row_cls, col_cls, diagonal, grad_row, dtype=torch.float64):
-    """(row_loss, grad_query, grad_keys, grad_bias_row) of SigLIP, in `dtype`."""
-    q, k = q.to(dtype), k.to(dtype)
-    n, m = q.shape[0], k.shape[0]
-    s = float(scale)
-    L = s * q @ k.T + float(bias)
-    if row_cls is not None:
-        pos = row_cls[:, None] == col_cls[None, :]
-    else:
-        pos = excluded_mask(n, m, diagonal)
-    z = torch.where(pos, 1.0, -1.0).to(dtype)
-    x = -z * L
-    loss = (x.clamp(min=0) + torch.log1p(torch.exp(-x.abs()))).sum(1)
-    G = grad_row.to(dtype)[:, None] * -z * torch.sigmoid(x)
-    return loss, s * G @ k, s * G.T @ q, G.sum(1)
+    """(row_loss, grad_query, grad_keys, grad_bias_row) of SigLIP, in `dtype` (reference.sigmoid_op)."""
+    return reference.sigmoid_op(q, k, scale, bias, row_cls, col_cls, diagonal, grad_row, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------

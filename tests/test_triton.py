@@ -18,6 +18,7 @@ triton = pytest.importorskip("triton")
 
 from contrastive_kernels.backends import triton as tk  # noqa: E402
 from contrastive_kernels.backends.triton import tuning as tl_lse  # noqa: E402
+from contrastive_kernels import reference  # noqa: E402
 from helpers import assert_relative_rule  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -38,22 +39,11 @@ def lse_bwd_triton(q, k, s, labels, r, c, gr, gc, gp):
 
 
 def dense(q, k, s, labels, compute_col, gr, gc, gp, dtype):
-    """Every output of the op family, materialising S in ``dtype`` (float64: the ground truth)."""
-    q, k = q.to(dtype), k.to(dtype)
-    S = (s * (q @ k.T)).to(dtype)
-    N = S.shape[0]
-    lab = labels if labels is not None else torch.arange(N, device=S.device)
-    r = torch.logsumexp(S, 1)
-    c = torch.logsumexp(S, 0) if compute_col else S.new_zeros(0)
-    pos = S[torch.arange(N, device=S.device), lab]
-    G = torch.zeros_like(S)
-    if gr is not None:
-        G = G + gr.to(dtype)[:, None] * torch.exp(S - r[:, None])
-    if gc is not None:
-        G = G + gc.to(dtype)[None, :] * torch.exp(S - c[None, :])
-    if gp is not None:
-        G = G.index_put((torch.arange(N, device=S.device), lab), gp.to(dtype), accumulate=True)
-    return r, c, pos, s * (G @ k), s * (G.T @ q)
+    """Every output of the op family, materialising S in ``dtype`` (float64: the ground truth):
+    the one dense oracle, reference.lse_op."""
+    r, c, pos, _, gq, gk = reference.lse_op(q, k, s, labels, grad_row=gr, grad_col=gc,
+                                            grad_pos=gp, dtype=dtype)
+    return r, (c if compute_col else c.new_zeros(0)), pos, gq, gk
 
 
 def inputs(N, M, D, dtype, *, seed=0, labels="auto", norm=1.0, normalize=True, scale=10.0):
