@@ -568,6 +568,21 @@ def _reduction_case(name):
                                                                  backend=backend),
                 lambda a, b, s, reduction: reference.clip_loss(a, b, s, reduction=reduction),
                 (a, b), (1 / 0.07,), n)
+    if name in ("clip_bias", "ClipLoss"):
+        # a bias cancels in the CLIP loss: its gradient is checked to be 0 (to 1e-13)
+        a, b = make_features(n + 2, n + 2, d + 4, seed=27)
+        if name == "clip_bias":
+            ours = lambda a, b, s, bias, backend, reduction: ck.clip_loss(
+                a, b, s, bias, reduction=reduction, backend=backend)
+        else:
+            ours = lambda a, b, s, bias, backend, reduction: ck.ClipLoss(backend=backend)(a, b, s, bias)
+        return (ours, lambda a, b, s, bias, reduction: reference.clip_loss(a, b, s, bias, reduction),
+                (a, b), (1 / 0.07, -3.0), n + 2)
+    if name == "SigLipLoss":
+        i, t = make_features(n + 4, n + 4, d + 20, seed=28)
+        return (lambda i, t, s, b, backend, reduction: ck.SigLipLoss(backend=backend)(i, t, s, b),
+                lambda i, t, s, b, reduction: reference.siglip_loss(i, t, s, b, None, reduction),
+                (i, t), (10.0, -5.0), n + 4)
     if name in ("nt_xent", "NTXentLoss"):
         a, b = _views(n, d, seed=23)
         if name == "nt_xent":
@@ -606,8 +621,11 @@ def _reduction_case(name):
     raise AssertionError(name)
 
 
-REDUCTION_LOSSES = ["info_nce", "InfoNCELoss", "clip", "nt_xent", "NTXentLoss", "supcon",
-                    "SupConLoss", "supcon_ref", "siglip", "siglip_labels"]
+REDUCTION_LOSSES = ["info_nce", "InfoNCELoss", "clip", "clip_bias", "nt_xent", "NTXentLoss",
+                    "supcon", "SupConLoss", "supcon_ref", "siglip", "siglip_labels"]
+# open_clip's twins have no reduction argument: their one mode is the mean
+REDUCTION_CASES = ([(name, r) for name in REDUCTION_LOSSES for r in REDUCTIONS]
+                   + [("ClipLoss", "mean"), ("SigLipLoss", "mean")])
 
 
 def _upstream(reduction, rows):
@@ -626,16 +644,56 @@ def _check_reduction(name, reduction, dtype, backend):
             upstream=_upstream(reduction, rows))
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("name", REDUCTION_LOSSES)
+@pytest.mark.parametrize("name,reduction", REDUCTION_CASES)
 def test_every_loss_and_reduction_float64(backend, name, reduction):
     _check_reduction(name, reduction, torch.float64, backend)
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("name", REDUCTION_LOSSES)
-def test_every_loss_and_reduction_triton(name, reduction, monkeypatch):
+def _require_interpreted_triton():
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("CPU tensors: triton runs them only under its interpreter")
     require_backend("triton")
+
+
+@pytest.mark.parametrize("name,reduction", REDUCTION_CASES)
+def test_every_loss_and_reduction_triton(name, reduction):
+    _require_interpreted_triton()
     _check_reduction(name, reduction, torch.float32, "triton")
+
+
+LSE_VARIANTS = ["plain", "no-col", "labels", "exclude", "classes", "exclude+classes"]
+
+
+def _lse_stats_objective(variant, n, m):
+    """(lse_stats keyword arguments, objective(fn) → Σ w·row + Σ w·col + Σ w·pos) with random
+    weights per statistic, so every output and its gradient is seen with its own weight."""
+    g = torch.Generator().manual_seed(31)
+    ups = [torch.rand(x, generator=g, dtype=torch.float64) * 2 - 0.5 for x in (n, m, n)]
+    kw = dict(exclude_self="exclude" in variant)
+    if "classes" in variant:
+        kw.update(query_classes=_class_labels(n, 3), key_classes=_class_labels(m, 3, seed=7))
+    elif variant == "labels":
+        kw.update(labels=make_labels(n, m))
+    col_too = variant != "no-col"
+
+    def objective(fn):
+        def total(q, k, s, **bk):
+            row, col, pos = fn(q, k, s, **kw, **bk)[:3]
+            u = [x.to(row.dtype) for x in ups]
+            t = (row * u[0]).sum() + (pos * u[2]).sum()
+            return t + (col * u[1]).sum() if col_too else t
+        return total
+    return kw, col_too, objective
+
+
+@pytest.mark.parametrize("variant", LSE_VARIANTS)
+def test_lse_stats_every_output_triton(variant):
+    _require_interpreted_triton()
+    q, k = make_features(7, 37, 13, seed=29)
+    kw, col_too, objective = _lse_stats_objective(variant, 7, 37)
+    conform(objective(lambda *a, backend, **k_: ck.lse_stats(*a, compute_col=col_too,
+                                                             backend=backend, **k_)),
+            objective(reference.lse_stats), (q, k), (9.0,), torch.float32, "triton")
+    if "classes" in variant:
+        count = ck.lse_stats(q.float(), k.float(), 9.0, **kw, backend="triton")[3]
+        assert torch.equal(count.double(), reference.lse_stats(q, k, 9.0, **kw)[3])

@@ -124,7 +124,7 @@ def _check_open_clip_parity(rank, w, oc):
             _close(a, b, f"{tag} vs single-process reference: {name}")
         # A second call hits the label cache.
         again = _run(ck.ClipLoss(**kw, cache_labels=True, backend="reference"), img, txt, scale)
-        _close(again[0], ours[0], f"{tag}: reference backend loss")
+        _close(again[0], ref[0], f"{tag}: reference backend loss")
 
 
 def _check_ring_equals_gather(rank, w):

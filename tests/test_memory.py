@@ -189,6 +189,21 @@ def control_65536_by_16384():
     return out
 
 
+def test_acceptance_script_at_16384(control_16384):
+    # the acceptance script below, by default, at a size 2 cores run in seconds: SupCon (exclusion
+    # and class positives) then SigLIP (the sigmoid op) through the public losses at N = M = 16384,
+    # one process, so the peak is the larger of the two; one N×M matrix is 1 GiB (the control)
+    require_backend("cpu")
+    out = _memprobe.peak_extra_bytes(
+        "result = {'supcon': run(16384)}\nloss = 'siglip'\nresult['siglip'] = run(16384)",
+        setup=_LARGE_SETUP.format(n=16384, d=64, loss="supcon"), warmup="run(64)", timeout=600)
+    assert all(v == v for v in out["result"].values()), out
+    assert out["extra_bytes"] < FUSED_BOUND, (
+        f"supcon/siglip at N = M = 16384 raised peak RSS by {out['extra_bytes'] / MIB:.0f} MiB "
+        f"(bound {FUSED_BOUND / MIB:.0f} MiB; the control saw "
+        f"{control_16384['extra_bytes'] / MIB:.0f} MiB for one N×M matrix)")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("loss,d", [("supcon", 64), ("siglip", 128), ("clip", 128)])
 def test_65536_fused_in_under_1_5_gib(loss, d, control_65536_by_16384):

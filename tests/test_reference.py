@@ -71,3 +71,86 @@ def _positive(n, m, kw):
         return kw["row_classes"][:, None] == kw["col_classes"][None, :]
     eye = torch.arange(n)[:, None] == torch.arange(m)[None, :]
     return eye if kw["diagonal"] else torch.zeros_like(eye)
+
+
+# ---------------------------------------------------------------------------------------------
+# the public losses' oracles against torch's own cross-entropy / log-sigmoid, every reduction
+# ---------------------------------------------------------------------------------------------
+
+F = torch.nn.functional
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _reduce(x, reduction, count=None):
+    if reduction == "none":
+        return x
+    return x.sum() if reduction == "sum" else x.sum() / (x.numel() if count is None else count)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_info_nce_and_clip_are_cross_entropy(reduction):
+    q, k, _, _, labels = _data(2)
+    S = 3.0 * q @ k.T
+    torch.testing.assert_close(reference.info_nce(q, k, 3.0, labels, reduction),
+                               F.cross_entropy(S, labels, reduction=reduction), rtol=1e-12, atol=1e-12)
+    t = torch.arange(N)
+    sq = S[:, :N]
+    per = 0.5 * (F.cross_entropy(sq, t, reduction="none") + F.cross_entropy(sq.T, t, reduction="none"))
+    torch.testing.assert_close(reference.clip_loss(q, k[:N], 3.0, None, reduction),
+                               _reduce(per, reduction), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_nt_xent_is_cross_entropy_over_the_other_views(reduction):
+    q, k, _, _, _ = _data(3)
+    x = torch.cat([q, k[:N]])
+    logits = (3.0 * x @ x.T).masked_fill(torch.eye(2 * N, dtype=torch.bool), float("-inf"))
+    target = torch.cat([torch.arange(N, 2 * N), torch.arange(N)])
+    torch.testing.assert_close(reference.nt_xent_loss(q, k[:N], 3.0, reduction),
+                               F.cross_entropy(logits, target, reduction=reduction),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_supcon_is_mean_log_softmax_over_positives(reduction):
+    q, _, _, (classes, _), _ = _data(4)
+    classes[0] = 7  # an anchor without a positive: left out of the mean, 0 under "none"
+    eye = torch.eye(N, dtype=torch.bool)
+    log_prob = F.log_softmax((3.0 * q @ q.T).masked_fill(eye, float("-inf")), dim=1)
+    positive = (classes[:, None] == classes[None, :]) & ~eye
+    count = positive.sum(1)
+    per = -torch.where(positive, log_prob, 0.0).sum(1) / count.clamp_min(1)
+    torch.testing.assert_close(reference.supcon_loss(q, classes, 3.0, reduction=reduction),
+                               _reduce(per, reduction, int((count > 0).sum())),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("labelled", [False, True], ids=["diagonal", "labels"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_siglip_is_minus_log_sigmoid(reduction, labelled):
+    q, k, _, (classes, _), _ = _data(5)
+    labels = classes if labelled else None
+    L = 3.0 * q @ k[:N].T - 2.0
+    positive = (classes[:, None] == classes[None, :]) if labelled else torch.eye(N, dtype=torch.bool)
+    per = -F.logsigmoid(torch.where(positive, 1.0, -1.0).double() * L).sum(1)
+    torch.testing.assert_close(reference.siglip_loss(q, k[:N], 3.0, -2.0, labels, reduction),
+                               _reduce(per, reduction, N), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gamma_loss_is_its_decomposition(reduction):
+    q, k, (log_u, _, _), _, labels = _data(6)
+    S = 3.0 * q @ k.T
+    per = -S.gather(1, labels[:, None]).squeeze(1) + log_u.exp() * S.exp().mean(1)
+    loss, log_z = reference.gamma_contrastive_loss(q, k, 3.0, log_u, labels, reduction)
+    torch.testing.assert_close(loss, _reduce(per, reduction), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(log_z, S.exp().mean(1).log(), rtol=1e-12, atol=1e-12)
+
+
+def test_lse_stats_are_log_sums_of_exponentials():
+    q, k, _, _, labels = _data(7)
+    S = 3.0 * q @ k.T
+    row, col, pos = reference.lse_stats(q, k, 3.0, labels)
+    torch.testing.assert_close(row, S.exp().sum(1).log(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(col, S.exp().sum(0).log(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(pos, S[torch.arange(N), labels], rtol=1e-12, atol=1e-12)
