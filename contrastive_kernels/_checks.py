@@ -185,6 +185,39 @@ def check_int_vector(name: str, t, n: int, device) -> Tensor:
     return t.contiguous()
 
 
+def check_guide(guide_query, guide_keys, guide_threshold, n: int, m: int, like: Tensor):
+    """The guided false-negative mask's inputs, validated and converted: ``(guide_query (N, Dg),
+    guide_keys (M, Dg), guide_threshold (N,))`` detached, contiguous, in the statistic dtype of
+    ``like`` (the guide gets no gradient); a number as threshold is broadcast over the rows."""
+    given = [x is not None for x in (guide_query, guide_keys, guide_threshold)]
+    if not all(given):
+        raise ValueError("guide_query (N, Dg), guide_keys (M, Dg) and guide_threshold (N,) go "
+                         "together: pass all three, or none")
+    check_features("guide_query", guide_query, "guide_keys", guide_keys)
+    if guide_query.shape[0] != n or guide_keys.shape[0] != m:
+        raise ValueError(f"guide_query and guide_keys must have N = {n} and M = {m} rows like query "
+                         f"and keys, got {tuple(guide_query.shape)} and {tuple(guide_keys.shape)}")
+    if guide_query.device != like.device:
+        raise ValueError(f"the guide is on {guide_query.device} but the features are on {like.device}")
+    st = stat_dtype(like.dtype)
+    if isinstance(guide_threshold, Tensor):
+        if not guide_threshold.is_floating_point():
+            raise TypeError(f"guide_threshold must be a floating tensor, got {guide_threshold.dtype}")
+        if guide_threshold.shape not in ((n,), (), (1,)):
+            raise ValueError(f"guide_threshold must have shape ({n},) (one per row) or be a "
+                             f"single value, got {tuple(guide_threshold.shape)}")
+        if guide_threshold.device != like.device:
+            raise ValueError(f"guide_threshold is on {guide_threshold.device} but the features are "
+                             f"on {like.device}")
+        t = guide_threshold.detach().to(st).reshape(-1).expand(n).contiguous()
+    elif isinstance(guide_threshold, (int, float)) and not isinstance(guide_threshold, bool):
+        t = torch.full((n,), float(guide_threshold), dtype=st, device=like.device)
+    else:
+        raise TypeError("guide_threshold must be a tensor of shape (N,) or a number, got "
+                        f"{type(guide_threshold).__name__}")
+    return (guide_query.detach().to(st).contiguous(), guide_keys.detach().to(st).contiguous(), t)
+
+
 def check_range(name: str, t: Tensor, lo: int, hi: int, what: str) -> None:
     """Values of ``t`` in [lo, hi), checked only where that costs no device synchronisation."""
     if t.numel() and reads_values(t):

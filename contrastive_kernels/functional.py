@@ -33,19 +33,25 @@ from ._types import ScaleLike
 __all__ = ["info_nce", "clip_loss", "lse_stats", "nt_xent_loss", "supcon_loss", "siglip_loss"]
 
 
-def _lse(query, keys, scale, labels, row_classes, col_classes, exclude_self, compute_col, backend):
+def _lse(query, keys, scale, labels, row_classes, col_classes, exclude_self, compute_col, backend,
+         row_groups=None, col_groups=None, guide=None):
     """The op on validated inputs: (row_lse, col_lse, pos, pos_count)."""
     name = backends.resolve(backend, query.device, query.dtype,
                             backends.features_of(exclude_self=exclude_self,
-                                                 classes=row_classes is not None))
+                                                 classes=row_classes is not None,
+                                                 groups=row_groups is not None,
+                                                 guide=guide is not None))
+    guide = guide if guide is not None else (None, None, None)
     return ops.lse_fwd(query.contiguous(), keys.contiguous(), scale, labels, row_classes,
-                       col_classes, exclude_self, compute_col, name)
+                       col_classes, exclude_self, compute_col, name, row_groups, col_groups, *guide)
 
 
 def lse_stats(query: Tensor, keys: Tensor, logit_scale: ScaleLike, labels: Optional[Tensor] = None,
               *, compute_col: bool = True, exclude_self: bool = False,
               query_classes: Optional[Tensor] = None, key_classes: Optional[Tensor] = None,
-              backend: str = "auto"):
+              query_groups: Optional[Tensor] = None, key_groups: Optional[Tensor] = None,
+              guide_query: Optional[Tensor] = None, guide_keys: Optional[Tensor] = None,
+              guide_threshold=None, backend: str = "auto"):
     """The log-sum-exp op's statistics of ``S = logit_scale·query·keysᵀ``, differentiable.
 
     Args:
@@ -56,11 +62,24 @@ def lse_stats(query: Tensor, keys: Tensor, logit_scale: ScaleLike, labels: Optio
         query_classes, key_classes: (N,) and (M,) int64 class labels (both or neither, instead of
             ``labels``): the positives of row i are then every column of its class (the self pair
             excluded under ``exclude_self``).
+        query_groups, key_groups: (N,) and (M,) int64 (both or neither): every pair with
+            ``query_groups[i] == key_groups[j]`` leaves both statistics (and is no positive) —
+            e.g. a document and the other documents of its own query (sentence-transformers'
+            ``doc_to_doc`` with hard negatives: ``query_groups = arange(B)``,
+            ``key_groups = arange(B·(1+n)) % B``).
+        guide_query, guide_keys, guide_threshold: (N, Dg), (M, Dg) and (N,) or a number (all three
+            or none): GISTEmbed's guided false-negative mask — pair (i, j) leaves both statistics
+            when ``⟨guide_query_i, guide_keys_j⟩ > guide_threshold_i``, unless it is a positive
+            of row i (its labelled column, or a same-class column). The guide similarity is
+            computed tile by tile in float32 (float64 for float64 inputs), never stored; the guide
+            gets no gradient. For a cosine guide pass L2-normalised guide embeddings.
     Returns:
         ``(row_lse (N,), col_lse (M,) or (0,), pos (N,))`` — ``log Σ_j exp(S_ij)``,
-        ``log Σ_i exp(S_ij)`` and ``S_{i, l_i}`` — or, with classes, ``(row_lse, col_lse,
-        pos_sum (N,), pos_count (N,))``, the sum of the positive logits of each row and their
-        number (not differentiable). Building block for losses beyond the ones shipped here.
+        ``log Σ_i exp(S_ij)`` over the kept pairs and ``S_{i, l_i}`` (0 when that pair is
+        excluded) — or, with classes, ``(row_lse, col_lse, pos_sum (N,), pos_count (N,))``, the
+        sum of the kept positive logits of each row and their number (not differentiable).
+        Building block for losses beyond the ones shipped here. A row with every pair excluded
+        has ``row_lse = −inf`` (and a zero gradient).
     """
     _checks.check_features("query", query, "keys", keys)
     n, m = query.shape[0], keys.shape[0]
@@ -69,6 +88,15 @@ def lse_stats(query: Tensor, keys: Tensor, logit_scale: ScaleLike, labels: Optio
     if (query_classes is None) != (key_classes is None):
         raise ValueError("query_classes and key_classes go together: pass both (N,) and (M,) "
                          "int64 tensors, or neither")
+    if (query_groups is None) != (key_groups is None):
+        raise ValueError("query_groups and key_groups go together: pass both (N,) and (M,) "
+                         "int64 tensors, or neither")
+    rg = cg = guide = None
+    if query_groups is not None:
+        rg = _checks.check_int_vector("query_groups", query_groups, n, query.device)
+        cg = _checks.check_int_vector("key_groups", key_groups, m, query.device)
+    if any(x is not None for x in (guide_query, guide_keys, guide_threshold)):
+        guide = _checks.check_guide(guide_query, guide_keys, guide_threshold, n, m, query)
     if query_classes is not None:
         if labels is not None:
             raise ValueError("pass labels (one positive column per row) or classes (every "
@@ -76,11 +104,12 @@ def lse_stats(query: Tensor, keys: Tensor, logit_scale: ScaleLike, labels: Optio
         rc = _checks.check_int_vector("query_classes", query_classes, n, query.device)
         cc = _checks.check_int_vector("key_classes", key_classes, m, query.device)
         scale = _checks.scale_tensor(logit_scale, query)
-        return _lse(query, keys, scale, None, rc, cc, exclude_self, compute_col, backend)
+        return _lse(query, keys, scale, None, rc, cc, exclude_self, compute_col, backend, rg, cg,
+                    guide)
     labels = _checks.check_labels(labels, n, m, query.device)
     scale = _checks.scale_tensor(logit_scale, query)
     row, col, pos, _ = _lse(query, keys, scale, labels, None, None, exclude_self, compute_col,
-                            backend)
+                            backend, rg, cg, guide)
     return row, col, pos
 
 

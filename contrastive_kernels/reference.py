@@ -48,24 +48,24 @@ def _labels(n: int, labels: Optional[Tensor], device) -> Tensor:
 
 def lse_stats(query: Tensor, keys: Tensor, logit_scale, labels: Optional[Tensor] = None, *,
               exclude_self: bool = False, query_classes: Optional[Tensor] = None,
-              key_classes: Optional[Tensor] = None):
+              key_classes: Optional[Tensor] = None, query_groups: Optional[Tensor] = None,
+              key_groups: Optional[Tensor] = None, guide_query: Optional[Tensor] = None,
+              guide_keys: Optional[Tensor] = None, guide_threshold: Optional[Tensor] = None):
     """(row_lse (N,), col_lse (M,), pos (N,)) of S densely, or with classes
     (row_lse, col_lse, pos_sum (N,), pos_count (N,)); the self pair left out under
-    ``exclude_self`` (a label on it then means no positive: pos 0)."""
+    ``exclude_self`` (a label on it then means no positive: pos 0), same-group pairs left out when
+    groups are given, and guided false negatives (guide similarity above the row's threshold, the
+    positives never) left out when a guide is given."""
     s = logits(query, keys, logit_scale)
     n, m = s.shape
-    self_pair = (torch.arange(n, device=s.device)[:, None] == torch.arange(m, device=s.device)[None, :])
-    masked = s.masked_fill(self_pair, float("-inf")) if exclude_self else s
+    excluded, positive = _op_masks(n, m, labels, query_classes, key_classes, exclude_self,
+                                   s.device, query_groups, key_groups, guide_query, guide_keys,
+                                   guide_threshold)
+    masked = s.masked_fill(excluded, float("-inf"))
     row, col = torch.logsumexp(masked, dim=1), torch.logsumexp(masked, dim=0)
+    pos = torch.where(positive, s, 0.0).sum(1)
     if query_classes is not None:
-        pos_mask = query_classes[:, None] == key_classes[None, :]
-        if exclude_self:
-            pos_mask = pos_mask & ~self_pair
-        return row, col, torch.where(pos_mask, s, 0.0).sum(1), pos_mask.sum(1).to(s.dtype)
-    lab = _labels(n, labels, query.device)
-    pos = s.gather(1, lab[:, None]).squeeze(1)
-    if exclude_self:
-        pos = torch.where(lab == torch.arange(n, device=s.device), 0.0, pos)
+        return row, col, pos, positive.sum(1).to(s.dtype)
     return row, col, pos
 
 
@@ -161,34 +161,58 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
 # of the ops themselves; tests/test_reference.py checks each gradient once against autograd
 # ---------------------------------------------------------------------------------------------
 
-def _op_masks(n: int, m: int, labels, row_classes, col_classes, exclude_self: bool, device):
+def guided_false_negatives(guide_query: Tensor, guide_keys: Tensor,
+                           guide_threshold: Tensor) -> Tensor:
+    """(N, M) bool: pairs whose guide similarity ⟨g_q_i, g_k_j⟩ exceeds the row's threshold t_i
+    (GISTEmbed's false-negative rule; the caller protects the positives)."""
+    g = guide_query.double() @ guide_keys.double().T
+    return g > guide_threshold.double()[:, None]
+
+
+def _op_masks(n: int, m: int, labels, row_classes, col_classes, exclude_self: bool, device,
+              row_groups=None, col_groups=None, guide_query=None, guide_keys=None,
+              guide_threshold=None):
+    """(excluded, positive) (N, M) bool masks of the op contract: excluded = the self pair under
+    ``exclude_self`` ∪ same-group pairs ∪ guided false negatives that are not designated positives;
+    positive = designated positives (the labelled column, the diagonal, or same-class columns)
+    that are not excluded."""
     idx_r, idx_c = torch.arange(n, device=device), torch.arange(m, device=device)
     excluded = (idx_r[:, None] == idx_c[None, :]) if exclude_self else \
         torch.zeros(n, m, dtype=torch.bool, device=device)
     if row_classes is not None:
-        positive = row_classes[:, None] == col_classes[None, :]
+        designated = row_classes[:, None] == col_classes[None, :]
     else:
         lab = _labels(n, labels, device)
-        positive = lab[:, None] == idx_c[None, :]
-    return excluded, positive & ~excluded
+        designated = lab[:, None] == idx_c[None, :]
+    if row_groups is not None:
+        excluded = excluded | (row_groups[:, None] == col_groups[None, :])
+    if guide_query is not None:
+        excluded = excluded | (guided_false_negatives(guide_query, guide_keys, guide_threshold)
+                               & ~designated)
+    return excluded, designated & ~excluded
 
 
 def lse_op(query: Tensor, keys: Tensor, logit_scale, labels: Optional[Tensor] = None,
            row_classes: Optional[Tensor] = None, col_classes: Optional[Tensor] = None,
            exclude_self: bool = False, grad_row: Optional[Tensor] = None,
            grad_col: Optional[Tensor] = None, grad_pos: Optional[Tensor] = None,
-           dtype: torch.dtype = torch.float64):
+           dtype: torch.dtype = torch.float64, row_groups: Optional[Tensor] = None,
+           col_groups: Optional[Tensor] = None, guide_query: Optional[Tensor] = None,
+           guide_keys: Optional[Tensor] = None, guide_threshold: Optional[Tensor] = None):
     """The log-sum-exp op densely in ``dtype``: ``(row_lse (N,), col_lse (M,), pos (N,),
     pos_count (N,) or (0,), grad_query (N, D), grad_keys (M, D))`` with
     ``G_ij = [kept]·(g_row_i·e^{S_ij − r_i} + g_col_j·e^{S_ij − c_j}) + g_pos_i·[j ∈ P(i)]``,
     ``grad_query = s·G·K`` and ``grad_keys = s·Gᵀ·Q`` (docs/internals.md's op contract). ``pos`` is
     the positive logit, or the sum over the class positives (then ``pos_count`` is their number);
-    a label on an excluded self pair is no positive."""
+    a label on an excluded self pair is no positive. Excluded: the self pair under
+    ``exclude_self``, pairs with ``row_groups[i] == col_groups[j]``, and pairs with
+    ``⟨guide_query_i, guide_keys_j⟩ > guide_threshold_i`` unless designated positive."""
     q, k = query.to(dtype), keys.to(dtype)
     n, m = q.shape[0], k.shape[0]
     s = float(logit_scale)
     S = s * q @ k.T
-    excluded, positive = _op_masks(n, m, labels, row_classes, col_classes, exclude_self, q.device)
+    excluded, positive = _op_masks(n, m, labels, row_classes, col_classes, exclude_self, q.device,
+                                   row_groups, col_groups, guide_query, guide_keys, guide_threshold)
     Sm = S.masked_fill(excluded, float("-inf"))
     row, col = torch.logsumexp(Sm, 1), torch.logsumexp(Sm, 0)
     zero = torch.zeros((), dtype=dtype, device=q.device)

@@ -127,6 +127,42 @@ def test_geometric_consistency_large_batch_memory_and_time(control_16384):
     assert out["result"]["cpu_seconds"] < 20, out
 
 
+_MASKS_SETUP = """
+import torch
+import contrastive_kernels as ck
+backend, n, d, dg = {backend!r}, {n}, {d}, 16
+g = torch.Generator().manual_seed(0)
+q = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_()
+k = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_()
+gq = torch.nn.functional.normalize(torch.randn(n, dg, generator=g), dim=1)
+gk = torch.nn.functional.normalize(torch.randn(n, dg, generator=g), dim=1)
+t = torch.full((n,), 0.3)
+groups = torch.arange(n) // 3  # three documents per query, as sentence-transformers' doc_to_doc
+
+def run(m):
+    row, col, pos = ck.lse_stats(q[:m], k[:m], 20.0, query_groups=groups[:m], key_groups=groups[:m],
+                                 guide_query=gq[:m], guide_keys=gk[:m], guide_threshold=t[:m],
+                                 backend=backend)
+    (row.sum() + col.sum() - pos.sum()).backward()
+    return bool(torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all())
+"""
+
+
+@pytest.mark.parametrize("backend", ["chunked", "cpu"])
+def test_group_and_guide_masks_are_not_quadratic(backend, control_16384):
+    # both masks at once (a 16-d guide), forward + backward at N = M = 16384: the masks and the
+    # guide similarities live in the tile only; one N×M float32 matrix is 1 GiB (the control)
+    require_backend(backend)
+    env = {k: v for k, v in os.environ.items() if k != "CK_CHUNK_ELEMENTS"}
+    out = _memprobe.peak_extra_bytes("result = run(n)", setup=_MASKS_SETUP.format(
+        backend=backend, n=N, d=D), warmup="run(64)", env=env, timeout=600)
+    assert out["result"], out
+    assert out["extra_bytes"] < FUSED_BOUND, (
+        f"{backend}: lse_stats with group and guide masks at N = M = {N} raised peak RSS by "
+        f"{out['extra_bytes'] / MIB:.0f} MiB (bound {FUSED_BOUND / MIB:.0f} MiB; the control saw "
+        f"{control_16384['extra_bytes'] / MIB:.0f} MiB for one N×M matrix)")
+
+
 _NATIVE_SETUP = """
 import torch
 from contrastive_kernels import _native

@@ -43,7 +43,8 @@ def _blocks(query, keys, scale):
         yield rows, sc * (query[start:start + block].to(st) @ k.T), k, sc
 
 
-def lse_fwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, compute_col):
+def lse_fwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, compute_col,
+            **masks):
     st = stat_dtype(query.dtype)
     n, m = query.shape[0], keys.shape[0]
     dev = query.device
@@ -52,7 +53,7 @@ def lse_fwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, 
     count = torch.empty(n if row_classes is not None else 0, dtype=st, device=dev)
     col = torch.full((m,), float("-inf"), dtype=st, device=dev) if compute_col else None
     for rows, s, _, _ in _blocks(query, keys, scale):
-        r, c, p, cnt = block_stats(s, rows, labels, row_classes, col_classes, exclude_self)
+        r, c, p, cnt = block_stats(s, rows, labels, row_classes, col_classes, exclude_self, **masks)
         row[rows], pos[rows] = r, p
         if cnt is not None:
             count[rows] = cnt
@@ -63,7 +64,7 @@ def lse_fwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, 
 
 
 def lse_bwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, row_lse, col_lse,
-            grad_row, grad_col, grad_pos):
+            grad_row, grad_col, grad_pos, **masks):
     st = stat_dtype(query.dtype)
     n, m = query.shape[0], keys.shape[0]
     grad_q = torch.empty(n, query.shape[1], dtype=st, device=query.device)
@@ -71,7 +72,7 @@ def lse_bwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, 
     sc = None
     for rows, s, k, sc in _blocks(query, keys, scale):
         g = block_grad(s, rows, labels, row_classes, col_classes, exclude_self, row_lse, col_lse,
-                       grad_row, grad_col, grad_pos)
+                       grad_row, grad_col, grad_pos, **masks)
         grad_q[rows] = sc * (g @ k)
         grad_k.addmm_(g.T, query[rows].to(st))
     return grad_q, grad_k.mul_(sc)

@@ -19,23 +19,25 @@ def logits(query: Tensor, keys: Tensor, scale: Tensor) -> Tensor:
     return scale.to(st) * (query.to(st) @ keys.to(st).T)
 
 
-def lse_fwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, compute_col):
+def lse_fwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, compute_col,
+            **masks):
     s = logits(query, keys, scale)
     rows = torch.arange(query.shape[0], device=query.device)
-    row, col, pos, count = block_stats(s, rows, labels, row_classes, col_classes, exclude_self)
+    row, col, pos, count = block_stats(s, rows, labels, row_classes, col_classes, exclude_self,
+                                       **masks)
     return (row, col if compute_col else s.new_empty(0), pos,
             count if count is not None else s.new_empty(0))
 
 
 def lse_bwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, row_lse, col_lse,
-            grad_row, grad_col, grad_pos):
+            grad_row, grad_col, grad_pos, **masks):
     st = stat_dtype(query.dtype)
     sc = scale.to(st)
     q, k = query.to(st), keys.to(st)
     s = sc * (q @ k.T)
     rows = torch.arange(query.shape[0], device=query.device)
     g = block_grad(s, rows, labels, row_classes, col_classes, exclude_self, row_lse, col_lse,
-                   grad_row, grad_col, grad_pos)
+                   grad_row, grad_col, grad_pos, **masks)
     return sc * (g @ k), sc * (g.T @ q)
 
 
