@@ -10,7 +10,6 @@ with each twin and with upstream's class: per-step losses within 1e-5.
 from __future__ import annotations
 
 import inspect
-import itertools
 import os
 import random
 import warnings
@@ -24,11 +23,10 @@ st = pytest.importorskip("sentence_transformers", reason="the sentence-transform
 from sentence_transformers.sentence_transformer import losses as st_losses  # noqa: E402
 from sentence_transformers.util import cos_sim, dot_score, pairwise_cos_sim  # noqa: E402
 
+from contrastive_kernels.bench.st import WORDS, tiny_sentence_transformer  # noqa: E402
 from contrastive_kernels.integrations import sentence_transformers as ours  # noqa: E402
 from helpers import assert_relative_rule  # noqa: E402
 
-WORDS = ("the a cat dog bird sat ran flew on under near far red blue green big small quick slow "
-         "tree house car road river hill").split()
 B = 6
 
 # (twin name, upstream name); the symmetric classes are deprecated upstream
@@ -40,24 +38,7 @@ PAIRS = [("MultipleNegativesRankingLoss",) * 2, ("MultipleNegativesSymmetricRank
 
 def tiny_model(path, *, seed: int, hidden: int = 16, dtype=torch.float64):
     """A one-layer BERT with mean pooling, built from nothing (dropout 0)."""
-    from transformers import BertConfig, BertModel, BertTokenizer
-    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
-
-    os.makedirs(path, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=1,
-                        num_attention_heads=2, intermediate_size=2 * hidden,
-                        max_position_embeddings=32, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0, initializer_range=0.5)
-    BertModel(config).save_pretrained(path)
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
-    assert len(tokenizer) == len(vocab)  # every word is a token: distinct texts, distinct embeddings
-    tokenizer.save_pretrained(path)
-    module = Transformer(path, max_seq_length=16)
-    model = st.SentenceTransformer(modules=[module, Pooling(module.get_embedding_dimension(), "mean")],
-                                   device="cpu")
-    return model.to(dtype)
+    return tiny_sentence_transformer(path, seed=seed, hidden=hidden, dtype=dtype)
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +109,18 @@ def test_mnrl_parity_float64(models, directions, partition_mode, columns, cached
     if cached:
         kwargs["mini_batch_size"] = 4
     assert_parity(name, kwargs, models, texts(columns, seed=columns))
+
+
+@pytest.mark.parametrize("columns", [2, 3], ids=["pairs", "triplets"])
+@pytest.mark.parametrize("mode", ["in_batch_negatives", "hard_negatives", "all_negatives"])
+@pytest.mark.parametrize("name", ["MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss"])
+def test_hardness_modes_parity_float64(models, name, mode, columns):
+    # the penalty is strength·stopgrad(sim): the gradients tell a stop-gradient from a plain boost
+    kwargs = dict(hardness_mode=mode, hardness_strength=5.0,
+                  directions=("query_to_doc", "doc_to_query", "doc_to_doc"))
+    if name.startswith("Cached"):
+        kwargs["mini_batch_size"] = 4
+    assert_parity(name, kwargs, models, texts(columns, seed=30 + columns))
 
 
 @pytest.mark.parametrize("similarity", [cos_sim, dot_score], ids=["cos_sim", "dot_score"])
@@ -216,8 +209,6 @@ def test_clear_errors(models):
         ours.MultipleNegativesRankingLoss(model, similarity_fct=pairwise_cos_sim)
     with pytest.raises(ValueError, match="cos_sim"):
         ours.CachedMultipleNegativesRankingLoss(model, similarity_fct=lambda a, b: a @ b.T)
-    with pytest.raises(NotImplementedError, match="hardness_mode"):
-        ours.MultipleNegativesRankingLoss(model, hardness_mode="hard_negatives", hardness_strength=5.0)
     with pytest.raises(ValueError, match="query_to_doc"):  # upstream's own validation is kept
         ours.MultipleNegativesRankingLoss(model, directions=("doc_to_query",))
     loss = ours.GISTEmbedLoss(model, models["guide"])
@@ -270,3 +261,13 @@ def test_ten_trainer_steps_match_upstream(tmp_path, name):
     assert len(want) == len(got) == 10
     for step, (a, b) in enumerate(zip(got, want)):
         assert abs(a - b) <= 1e-5, f"{name} step {step}: {a} vs upstream {b}"
+
+
+@pytest.mark.parametrize("loss", ["st_mnrl", "st_gte", "st_gist"])
+def test_bench_closures_time_the_same_loss(tmp_path, loss):
+    # `bench st` times upstream and the twin on the same embeddings: the two closures agree
+    from contrastive_kernels.bench.st import loss_closure
+
+    upstream = loss_closure("sentence_transformers", loss, 48, 24, 4, str(tmp_path / "a"))(48)
+    twin = loss_closure("ck.chunked", loss, 48, 24, 4, str(tmp_path / "b"))(48)
+    assert abs(twin - upstream) <= 1e-5 * abs(upstream), (twin, upstream)

@@ -5,7 +5,8 @@ schema (``schema``), one plotter (``plot``), one dense provider per op family (`
 one memory probe (``contrastive_kernels._memprobe``) — and named configurations of it
 (``configs``): the CLI sweep, the GPU kit's blocks (``headline``, ``huge``, ``gpu-sweep``,
 ``gpu-variants``), CPU tile tuning, and the SigLIP / SupCon / NT-Xent comparisons;
-``gradcache`` (whole training steps) is its own entry point in ``bench.gradcache``.
+``gradcache`` (whole training steps) is its own entry point in ``bench.gradcache``, and ``st``
+(sentence-transformers' losses against the fused twins) in ``bench.st``.
 
     contrastive-kernels bench                       # the main job: clip fwd+bwd vs dense (~9 min, 2 cores)
     contrastive-kernels bench --quick               # the same in ~1 min (N = 256, 512)
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
             f"  {c.name:<13} {c.help}" + (f" [{c.minutes}]" if c.minutes else "")
             for c in CONFIGS.values()) + "\n  gradcache     whole training steps, plain vs ck.GradCache "
                                         "(bench gradcache --help) [~5 min]"
+                                        "\n  st            sentence-transformers' losses vs the "
+                                        "fused twins (bench st --help) [~10 min]"
                "\n\nexample head-to-head: contrastive-kernels bench "
                "--n 8192 --providers dense,open_clip,cpu --repeats 9")
     p.add_argument("config", nargs="?", default="sweep",
@@ -235,6 +238,9 @@ def main(argv=None) -> int:
     if argv and argv[0] == "gradcache":
         from .gradcache import main as gradcache_main
         return gradcache_main(argv[1:])
+    if argv and argv[0] == "st":
+        from .st import main as st_main
+        return st_main(argv[1:])
     args = build_parser().parse_args(argv)
     from .configs import CONFIGS
 
@@ -243,6 +249,8 @@ def main(argv=None) -> int:
             print(f"{c.name:<13} {c.help}" + (f" [{c.minutes}]" if c.minutes else ""))
         print(f"{'gradcache':<13} whole training steps, plain vs ck.GradCache (bench gradcache "
               "--help) [~5 min]")
+        print(f"{'st':<13} sentence-transformers' losses vs the fused twins (bench st --help) "
+              "[~10 min]")
         return 0
     if args.config == "plot":
         from .plot import plot_csv

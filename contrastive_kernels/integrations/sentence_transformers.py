@@ -36,9 +36,12 @@ beyond the embeddings is O(B·(1+n)). Differences from upstream are rounding onl
 place of its row's threshold counts as a tie and stays, as a duplicate of the positive does
 upstream (``_tie_tolerance``).
 
+``hardness_mode`` (upstream's ``strength·stopgrad(sim)`` on negative logits) is the op at scale
+``scale + strength`` over whole groups of columns, its gradient scaled back to ``scale`` (the exact
+stop-gradient), plus row-wise dot products for each query's own documents.
+
 Not covered: ``similarity_fct`` other than ``util.cos_sim`` and ``util.dot_score`` (a ValueError
-says so), ``hardness_mode`` (NotImplementedError; use upstream's class), and
-``mini_batch_num_tokens`` is upstream's own mini-batching of the encoder, kept as is.
+says so). ``mini_batch_num_tokens`` is upstream's own mini-batching of the encoder, kept as is.
 Every twin takes one extra keyword, ``backend`` (``"auto"``; see ``contrastive_kernels.info()``).
 """
 from __future__ import annotations
@@ -84,13 +87,6 @@ def _normalizes(similarity_fct) -> bool:
         "needs the score matrix the fused op never builds (use sentence-transformers' own class)")
 
 
-def _no_hardness(hardness_mode, hardness_strength) -> None:
-    if hardness_mode is not None and hardness_strength > 0.0:
-        raise NotImplementedError(
-            f"hardness_mode={hardness_mode!r} is not implemented by the fused twin yet; use "
-            "sentence_transformers' own MultipleNegativesRankingLoss for hardness weighting")
-
-
 def _log_partition(row_lses: list[Tensor], partition_mode: str) -> Tensor:
     """One softmax over every direction (log-add-exp of their row statistics), or the mean of
     one softmax per direction."""
@@ -108,9 +104,63 @@ def _exclude_own(local: Tensor, world: int, shared: bool) -> dict:
     return {"query_groups": local, "key_groups": torch.arange(world, device=local.device)}
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient multiplied by a constant (``factor``) in backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.factor, None
+
+
+HARDNESS_MODES = ("in_batch_negatives", "hard_negatives", "all_negatives")
+
+
+def _hard_query_to_doc(local_queries: Tensor, docs: Sequence[Tensor], docs_all: Tensor,
+                       local: Tensor, world: int, scale: float, strength: float, mode: str,
+                       backend: str) -> tuple[Tensor, Tensor]:
+    """(row statistic, positive logit) of query_to_doc with upstream's hardness penalty: the
+    logit of a penalised pair is ``scale·s + strength·stopgrad(s)``.
+
+    The penalised pairs are (in_batch_negatives) every column outside the query's own documents,
+    (hard_negatives) its own hard negatives, (all_negatives) every column but its positive. A set
+    of whole groups runs through the op at scale ``scale + strength`` — its value — with the
+    gradient scaled back by ``scale / (scale + strength)``, which is exactly the stop-gradient
+    (the op's feature gradient is linear in its scale); the few pairs of a query's own documents
+    (1 + n per row) are row-wise dot products. No score matrix.
+    """
+    boosted = scale + strength
+    own = torch.stack([(local_queries * d[local]).sum(dim=1) for d in docs], dim=1)  # (B, 1+n)
+    keep_grad = scale / boosted
+    if mode == "in_batch_negatives":
+        groups = torch.arange(docs_all.shape[0], device=local.device) % world
+        others = lse_stats(local_queries, docs_all, boosted, compute_col=False, query_groups=local,
+                           key_groups=groups, backend=backend)[0]
+        row = torch.logaddexp(_ScaleGrad.apply(others, keep_grad),
+                              torch.logsumexp(scale * own, dim=1))
+    elif mode == "hard_negatives":
+        groups = torch.arange(docs_all.shape[0], device=local.device) % world
+        others = lse_stats(local_queries, docs_all, scale, compute_col=False, query_groups=local,
+                           key_groups=groups, backend=backend)[0]
+        hard_negatives = scale * own[:, 1:] + strength * own[:, 1:].detach()
+        own_logits = torch.cat([scale * own[:, :1], hard_negatives], dim=1)
+        row = torch.logaddexp(others, torch.logsumexp(own_logits, dim=1))
+    else:  # all_negatives: every column but the positive (column offset + i, a group of its own)
+        columns = torch.arange(docs_all.shape[0], device=local.device)
+        rest = lse_stats(local_queries, docs_all, boosted, compute_col=False, query_groups=local,
+                         key_groups=columns, backend=backend)[0]
+        row = torch.logaddexp(_ScaleGrad.apply(rest, keep_grad), scale * own[:, 0])
+    return row, scale * own[:, 0]  # the positive is never penalised
+
+
 def mnrl_loss(queries: Tensor, docs: Sequence[Tensor], scale: float, *, normalize: bool = True,
               directions: Sequence[str] = ("query_to_doc",), partition_mode: str = "joint",
-              gather_across_devices: bool = False, backend: str = "auto") -> Tensor:
+              gather_across_devices: bool = False, hardness_mode: Optional[str] = None,
+              hardness_strength: float = 0.0, backend: str = "auto") -> Tensor:
     """sentence-transformers' MultipleNegativesRankingLoss on embeddings, fused.
 
     Args:
@@ -119,6 +169,8 @@ def mnrl_loss(queries: Tensor, docs: Sequence[Tensor], scale: float, *, normaliz
         scale: multiplies the similarity (1 / temperature). normalize: cosine similarity (True)
             or dot product.
         directions, partition_mode: as sentence-transformers (``query_to_doc`` always present).
+        hardness_mode, hardness_strength: upstream's hardness weighting of the query_to_doc
+            negatives (``strength·stopgrad(sim)`` added to their logits); None or 0 disables it.
     Returns:
         The mean over the B queries of ``log Z_i − scale·sim(q_i, d_i)``, a 0-dim tensor.
     """
@@ -138,9 +190,14 @@ def mnrl_loss(queries: Tensor, docs: Sequence[Tensor], scale: float, *, normaliz
     local_queries, local_docs = queries[offset:offset + b], docs[0][offset:offset + b]
     # doc_to_query on one process's batch is the column statistic of the query_to_doc sweep
     # (column i < B holds doc i against every query): no second pass over the logits.
-    col_too = "doc_to_query" in directions and shared
-    row, col, pos = lse_stats(local_queries, docs_all, scale, local, compute_col=col_too,
-                              backend=backend)
+    hard = hardness_mode is not None and hardness_strength > 0.0
+    col_too = "doc_to_query" in directions and shared and not hard
+    if hard:
+        row, pos = _hard_query_to_doc(local_queries, docs, docs_all, local, world, scale,
+                                      hardness_strength, hardness_mode, backend)
+    else:
+        row, col, pos = lse_stats(local_queries, docs_all, scale, local, compute_col=col_too,
+                                  backend=backend)
     lses = [row]
     if "query_to_query" in directions:
         lses.append(lse_stats(local_queries, queries, scale, compute_col=False, backend=backend,
@@ -243,17 +300,17 @@ class MultipleNegativesRankingLoss(_st.MultipleNegativesRankingLoss):
                          partition_mode=partition_mode, hardness_mode=hardness_mode,
                          hardness_strength=hardness_strength)
         _normalizes(similarity_fct)
-        _no_hardness(hardness_mode, hardness_strength)
         self.backend = backend
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Optional[Tensor] = None) -> Tensor:
         if len(embeddings) < 2:
             raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
-        _no_hardness(self.hardness_mode, self.hardness_strength)
         return mnrl_loss(embeddings[0], embeddings[1:], self.scale,
                          normalize=_normalizes(self.similarity_fct), directions=self.directions,
                          partition_mode=self.partition_mode,
-                         gather_across_devices=self.gather_across_devices, backend=self.backend)
+                         gather_across_devices=self.gather_across_devices,
+                         hardness_mode=self.hardness_mode, hardness_strength=self.hardness_strength,
+                         backend=self.backend)
 
 
 _SYMMETRIC_DEPRECATION = (
