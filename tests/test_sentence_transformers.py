@@ -82,6 +82,10 @@ def assert_parity(name, kwargs, models, columns, rtol=1e-9):
                                 model, columns)
     assert got.dtype == want.dtype
     torch.testing.assert_close(got, want, rtol=rtol, atol=0)
+    assert_grads_close(got_g, want_g, rtol, f"{name} {kwargs}")
+
+
+def assert_grads_close(got_g, want_g, rtol, what):
     assert set(got_g) == set(want_g) and want_g
     # relative to the tensor's own largest entry; a tensor whose gradient is 0 in exact arithmetic
     # (the attention key bias: softmax ignores a constant) is judged against a millionth of the
@@ -90,7 +94,7 @@ def assert_parity(name, kwargs, models, columns, rtol=1e-9):
     for n in want_g:
         scale = max(float(want_g[n].abs().max()), floor)
         err = float((got_g[n] - want_g[n]).abs().max()) / scale
-        assert err <= rtol, f"{name} {kwargs}: gradient of {n} off by {err:.2e} relative"
+        assert err <= rtol, f"{what}: gradient of {n} off by {err:.2e} relative"
 
 
 DIRECTIONS = [("query_to_doc",), ("query_to_doc", "doc_to_query"), ("query_to_doc", "query_to_query"),
@@ -152,6 +156,29 @@ def test_cached_gist_parity_with_two_negative_columns(models):
                   texts(4, seed=5))
 
 
+@pytest.mark.parametrize("similarity", [cos_sim, dot_score], ids=["cos_sim", "dot_score"])
+def test_contrastive_tension_in_batch_parity_float64(models, similarity):
+    # two encoders (upstream deep-copies the model) and a learnable scale: its gradient too
+    name = "ContrastiveTensionLossInBatchNegatives"
+    model = models["model"]
+    kwargs = dict(similarity_fct=similarity, scale=20.0 if similarity is cos_sim else 0.5)
+    columns = texts(1, seed=17)
+
+    def run(module, extra):
+        loss_fn = getattr(module, name)(model, **kwargs, **extra)
+        loss = loss_fn(features(model, columns), None)
+        loss.backward()
+        grads = {n: p.grad for n, p in loss_fn.named_parameters() if p.grad is not None}
+        return loss.detach(), grads
+
+    want, want_g = run(st_losses, {})
+    got, got_g = run(ours, {"backend": "chunked"})
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+    assert "logit_scale" in want_g
+    assert_grads_close(got_g, want_g, 1e-9, name)
+    model.zero_grad(set_to_none=True)
+
+
 def test_the_guide_masks_something(models):
     # not vacuous: on these texts the guide removes pairs, so a loss without the mask differs
     model, guide = models["model"], models["guide"]
@@ -183,7 +210,7 @@ def test_float32_by_the_relative_rule(tmp_path, models, name):
         assert_relative_rule(got_g[n], same_g[n], truth_g[n], torch.float32, n)
 
 
-@pytest.mark.parametrize("twin,upstream", PAIRS)
+@pytest.mark.parametrize("twin,upstream", PAIRS + [("ContrastiveTensionLossInBatchNegatives",) * 2])
 def test_same_constructor_config_and_citation(models, twin, upstream):
     ours_sig = inspect.signature(getattr(ours, twin).__init__).parameters
     theirs = inspect.signature(getattr(st_losses, upstream).__init__).parameters

@@ -23,6 +23,8 @@ twin                                               sentence-transformers' semant
                                                    ``temperature``
 ``CachedGISTEmbedLoss``                            the above with GradCache mini-batches, any number
                                                    of negative columns
+``ContrastiveTensionLossInBatchNegatives``         two encoders, learnable scale: the fused
+                                                   ``clip_loss``
 =================================================  ===============================================
 
 sentence-transformers builds the (queries × candidates) score matrix — B × B·(1+n) with n hard
@@ -64,12 +66,13 @@ except ImportError as exc:  # not installed, or a release without these modules
         f"({exc}); install it with: pip install 'contrastive-kernels[sentence-transformers]'"
     ) from exc
 
-from ..functional import lse_stats
+from ..functional import clip_loss, lse_stats
 
 __all__ = [
     "MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss",
     "CachedMultipleNegativesRankingLoss", "CachedMultipleNegativesSymmetricRankingLoss",
-    "GISTEmbedLoss", "CachedGISTEmbedLoss", "mnrl_loss", "gist_loss",
+    "GISTEmbedLoss", "CachedGISTEmbedLoss", "ContrastiveTensionLossInBatchNegatives",
+    "mnrl_loss", "gist_loss",
 ]
 
 _SIMILARITIES = "sentence_transformers.util.cos_sim or sentence_transformers.util.dot_score"
@@ -474,3 +477,27 @@ class CachedGISTEmbedLoss(_st.CachedGISTEmbedLoss):
             loss.backward()
             loss = loss.detach()
         return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Contrastive tension with in-batch negatives
+# ---------------------------------------------------------------------------------------------
+
+class ContrastiveTensionLossInBatchNegatives(_st.ContrastiveTensionLossInBatchNegatives):
+    """sentence-transformers' ``ContrastiveTensionLossInBatchNegatives``: the symmetric in-batch
+    cross-entropy between two encoders' embeddings of the same texts, with a learnable scale — the
+    fused ``clip_loss``. Input: one text column."""
+
+    def __init__(self, model, scale: float = 20.0, similarity_fct=cos_sim, *,
+                 backend: str = "auto") -> None:
+        super().__init__(model, scale=scale, similarity_fct=similarity_fct)
+        self._normalize = _normalizes(similarity_fct)
+        self.backend = backend
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
+        features = list(sentence_features)[0]
+        a = self.model1(features)["sentence_embedding"]
+        b = self.model2(features)["sentence_embedding"]
+        if self._normalize:
+            a, b = normalize_embeddings(a), normalize_embeddings(b)
+        return clip_loss(a, b, self.logit_scale.exp(), backend=self.backend)
