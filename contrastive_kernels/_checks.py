@@ -218,6 +218,38 @@ def check_guide(guide_query, guide_keys, guide_threshold, n: int, m: int, like: 
     return (guide_query.detach().to(st).contiguous(), guide_keys.detach().to(st).contiguous(), t)
 
 
+def check_matryoshka(dims, weights, normalize, d: int):
+    """Validated Matryoshka settings: ``(dims tuple of ints, weights tuple of floats, normalize)``.
+
+    ``dims`` strictly increasing positive ints, the last ≤ D; ``weights`` one finite number per
+    dim (default 1 each); ``normalize`` a bool."""
+    try:
+        dims_t = tuple(int(x) for x in dims)
+        ok = all(int(x) == x and not isinstance(x, bool) for x in dims)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or not dims_t:
+        raise TypeError(f"matryoshka_dims must be a non-empty sequence of ints, got {dims!r}")
+    if dims_t[0] < 1 or any(b <= a for a, b in zip(dims_t, dims_t[1:])) or dims_t[-1] > d:
+        raise ValueError(f"matryoshka_dims must be strictly increasing, in [1, D = {d}], got "
+                         f"{dims_t}")
+    if weights is None:
+        weights_t = (1.0,) * len(dims_t)
+    else:
+        try:
+            weights_t = tuple(float(w) for w in weights)
+        except (TypeError, ValueError):
+            raise TypeError(f"matryoshka_weights must be a sequence of numbers, got {weights!r}") from None
+        if len(weights_t) != len(dims_t):
+            raise ValueError(f"matryoshka_weights needs one weight per dim: {len(dims_t)} dims "
+                             f"{dims_t}, {len(weights_t)} weights {weights_t}")
+        if not all(math.isfinite(w) for w in weights_t):
+            raise ValueError(f"matryoshka_weights must be finite, got {weights_t}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"matryoshka_normalize must be a bool, got {type(normalize).__name__}")
+    return dims_t, weights_t, normalize
+
+
 def check_range(name: str, t: Tensor, lo: int, hi: int, what: str) -> None:
     """Values of ``t`` in [lo, hi), checked only where that costs no device synchronisation."""
     if t.numel() and reads_values(t):

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, backends, ops
-from ._types import ScaleLike
+from ._types import ScaleLike, stat_dtype
 
 __all__ = ["info_nce", "clip_loss", "lse_stats", "nt_xent_loss", "supcon_loss", "siglip_loss"]
 
@@ -44,6 +44,50 @@ def _lse(query, keys, scale, labels, row_classes, col_classes, exclude_self, com
     guide = guide if guide is not None else (None, None, None)
     return ops.lse_fwd(query.contiguous(), keys.contiguous(), scale, labels, row_classes,
                        col_classes, exclude_self, compute_col, name, row_groups, col_groups, *guide)
+
+
+# ---------------------------------------------------------------------------------------------
+# Matryoshka: every prefix dimension's loss from one sweep (docs/math.md §9)
+# ---------------------------------------------------------------------------------------------
+
+def _inverse_prefix_norms(x: Tensor, dims: tuple) -> Tensor:
+    """(N, k) 1 / max(‖x_i[:d_t]‖, 1e-12) in the statistic dtype (F.normalize's rule), differentiable:
+    segment sums of squares, accumulated, O(N·D)."""
+    sq = x.to(stat_dtype(x.dtype)).square()
+    bounds = (0,) + dims
+    seg = torch.stack([sq[:, a:b].sum(dim=1) for a, b in zip(bounds[:-1], bounds[1:])], dim=1)
+    return 1.0 / seg.cumsum(dim=1).sqrt().clamp_min(1e-12)
+
+
+def _matryoshka(matryoshka_dims, matryoshka_weights, matryoshka_normalize, x: Tensor):
+    """Validated settings, or None when Matryoshka is off."""
+    if matryoshka_dims is None:
+        if matryoshka_weights is not None:
+            raise ValueError("matryoshka_weights needs matryoshka_dims")
+        return None
+    return _checks.check_matryoshka(matryoshka_dims, matryoshka_weights, matryoshka_normalize,
+                                    x.shape[1])
+
+
+def _weighted(per_prefix: Tensor, weights: tuple) -> Tensor:
+    """Σ_t w_t·per_prefix[t]: (k, N) → (N,)."""
+    w = torch.tensor(weights, dtype=per_prefix.dtype).to(per_prefix.device, non_blocking=True)
+    return (w[:, None] * per_prefix).sum(dim=0)
+
+
+def _lse_prefix(query, keys, scale, mrl, labels, row_classes, col_classes, exclude_self,
+                compute_col, backend, same_keys: bool = False):
+    """The prefix op on validated inputs: stats stacked (k, ·)."""
+    dims, _, normalize = mrl
+    name = backends.resolve(backend, query.device, query.dtype,
+                            backends.features_of(exclude_self=exclude_self,
+                                                 classes=row_classes is not None, prefix=True))
+    r = c = None
+    if normalize:
+        r = _inverse_prefix_norms(query, dims)
+        c = r if same_keys else _inverse_prefix_norms(keys, dims)
+    return ops.lse_prefix_fwd(query.contiguous(), keys.contiguous(), scale, list(dims), r, c,
+                              labels, row_classes, col_classes, exclude_self, compute_col, name)
 
 
 def lse_stats(query: Tensor, keys: Tensor, logit_scale: ScaleLike, labels: Optional[Tensor] = None,
@@ -114,7 +158,8 @@ def lse_stats(query: Tensor, keys: Tensor, logit_scale: ScaleLike, labels: Optio
 
 
 def info_nce(query: Tensor, keys: Tensor, logit_scale: ScaleLike, labels: Optional[Tensor] = None,
-             *, reduction: str = "mean", backend: str = "auto") -> Tensor:
+             *, reduction: str = "mean", matryoshka_dims=None, matryoshka_weights=None,
+             matryoshka_normalize: bool = True, backend: str = "auto") -> Tensor:
     """One-directional InfoNCE of N anchors against M candidates, fused (no N×M matrix).
 
     ``ℓ_i = −S_{i,l_i} + log Σ_j exp(S_ij)`` with ``S = logit_scale·query·keysᵀ``.
@@ -124,17 +169,31 @@ def info_nce(query: Tensor, keys: Tensor, logit_scale: ScaleLike, labels: Option
             exceed N by far). logit_scale: s = 1/temperature, float or 0-d tensor (gets a gradient
             when it requires one). labels: (N,) int64 index of each anchor's positive in ``keys``;
             default ``arange(N)`` (needs M ≥ N). reduction: "mean" | "sum" | "none".
+        matryoshka_dims, matryoshka_weights, matryoshka_normalize: Matryoshka training: the loss
+            is ``Σ_t w_t·loss(x[:, :d_t], …)`` over the strictly increasing prefix dimensions
+            ``d_t`` (the last ≤ D; weights default to 1), each prefix L2-normalised when
+            ``matryoshka_normalize`` (cosine at every prefix), all prefixes from one sweep over
+            the tiles (docs/math.md §9); ``reduction="none"`` gives the per-row weighted sums.
         backend: "auto" | "reference" | "chunked" | "cpu" | "triton" | "cuda".
     Returns:
         Scalar, or (N,) for ``reduction="none"``; float32 (float64 for float64 inputs).
     """
     _checks.check_reduction(reduction)
-    row, _, pos = lse_stats(query, keys, logit_scale, labels, compute_col=False, backend=backend)
-    return _checks.reduce(row - pos, reduction)
+    mrl = _matryoshka(matryoshka_dims, matryoshka_weights, matryoshka_normalize, query)
+    if mrl is None:
+        row, _, pos = lse_stats(query, keys, logit_scale, labels, compute_col=False,
+                                backend=backend)
+        return _checks.reduce(row - pos, reduction)
+    _checks.check_features("query", query, "keys", keys)
+    labels = _checks.check_labels(labels, query.shape[0], keys.shape[0], query.device)
+    scale = _checks.scale_tensor(logit_scale, query)
+    row, _, pos, _ = _lse_prefix(query, keys, scale, mrl, labels, None, None, False, False, backend)
+    return _checks.reduce(_weighted(row - pos, mrl[1]), reduction)
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: ScaleLike,
               logit_bias: Optional[ScaleLike] = None, *, reduction: str = "mean",
+              matryoshka_dims=None, matryoshka_weights=None, matryoshka_normalize: bool = True,
               backend: str = "auto") -> Tensor:
     """Symmetric CLIP loss ½(InfoNCE(img→txt) + InfoNCE(txt→img)) in one fused pass.
 
@@ -144,6 +203,11 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: ScaleL
         logit_bias: optional constant added to every logit; it cancels in the softmax, so the loss
             is unchanged and its gradient is exactly 0 (as in open_clip's ClipLoss).
         reduction: "mean" | "sum" | "none" (per pair: ½(ℓ_i2t + ℓ_t2i), shape (N,)).
+        matryoshka_dims, matryoshka_weights, matryoshka_normalize: Matryoshka training: the loss
+            is ``Σ_t w_t·loss(x[:, :d_t], …)`` over the strictly increasing prefix dimensions
+            ``d_t`` (the last ≤ D; weights default to 1), each prefix L2-normalised when
+            ``matryoshka_normalize`` (cosine at every prefix), all prefixes from one sweep over
+            the tiles (docs/math.md §9); ``reduction="none"`` gives the per-row weighted sums.
     Returns:
         Scalar or (N,); float32 (float64 for float64 inputs). Equals open_clip's
         ``ClipLoss()(image_features, text_features, logit_scale)`` up to rounding.
@@ -151,14 +215,22 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: ScaleL
     _checks.check_reduction(reduction)
     _checks.check_pairs("clip_loss", "image_features", image_features, "text_features",
                         text_features)
-    row, col, pos = lse_stats(image_features, text_features, logit_scale, None,
-                              compute_col=True, backend=backend)
-    loss = _checks.reduce(0.5 * ((row - pos) + (col - pos)), reduction)
+    mrl = _matryoshka(matryoshka_dims, matryoshka_weights, matryoshka_normalize, image_features)
+    if mrl is None:
+        row, col, pos = lse_stats(image_features, text_features, logit_scale, None,
+                                  compute_col=True, backend=backend)
+        loss = _checks.reduce(0.5 * ((row - pos) + (col - pos)), reduction)
+    else:
+        scale = _checks.scale_tensor(logit_scale, image_features)
+        row, col, pos, _ = _lse_prefix(image_features, text_features, scale, mrl, None, None,
+                                       None, False, True, backend)
+        loss = _checks.reduce(_weighted(0.5 * ((row - pos) + (col - pos)), mrl[1]), reduction)
     return _checks.zero_gradient_term(loss, logit_bias)
 
 
 def nt_xent_loss(view_a: Tensor, view_b: Tensor, logit_scale: ScaleLike, *,
-                 reduction: str = "mean", backend: str = "auto") -> Tensor:
+                 reduction: str = "mean", matryoshka_dims=None, matryoshka_weights=None,
+                 matryoshka_normalize: bool = True, backend: str = "auto") -> Tensor:
     """SimCLR's NT-Xent over the 2N views (docs/math.md §6), fused, without the N×N matrix.
 
     Every view is an anchor; its positive is the other view of its pair; every other view (the
@@ -173,6 +245,11 @@ def nt_xent_loss(view_a: Tensor, view_b: Tensor, logit_scale: ScaleLike, *,
         logit_scale: s = 1/temperature, float or 0-d tensor (gets a gradient when it requires one).
         reduction: "mean" (over the 2N anchors) | "sum" | "none" ((2N,): view_a's anchors, then
             view_b's).
+        matryoshka_dims, matryoshka_weights, matryoshka_normalize: Matryoshka training: the loss
+            is ``Σ_t w_t·loss(x[:, :d_t], …)`` over the strictly increasing prefix dimensions
+            ``d_t`` (the last ≤ D; weights default to 1), each prefix L2-normalised when
+            ``matryoshka_normalize`` (cosine at every prefix), all prefixes from one sweep over
+            the tiles (docs/math.md §9); ``reduction="none"`` gives the per-row weighted sums.
     Returns:
         Scalar or (2N,); float32 (float64 for float64 inputs).
     """
@@ -189,13 +266,19 @@ def nt_xent_loss(view_a: Tensor, view_b: Tensor, logit_scale: ScaleLike, *,
     scale = _checks.scale_tensor(logit_scale, x)
     idx = torch.arange(n, device=x.device)
     other = torch.cat([idx + n, idx])  # the other view of each anchor
-    row, _, pos, _ = _lse(x, x, scale, other, None, None, True, False, backend)
-    return _checks.reduce(row - pos, reduction)
+    mrl = _matryoshka(matryoshka_dims, matryoshka_weights, matryoshka_normalize, x)
+    if mrl is None:
+        row, _, pos, _ = _lse(x, x, scale, other, None, None, True, False, backend)
+        return _checks.reduce(row - pos, reduction)
+    row, _, pos, _ = _lse_prefix(x, x, scale, mrl, other, None, None, True, False, backend,
+                                 same_keys=True)
+    return _checks.reduce(_weighted(row - pos, mrl[1]), reduction)
 
 
 def supcon_loss(features: Tensor, labels: Tensor, logit_scale: ScaleLike, *,
                 ref_features: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None,
-                reduction: str = "mean", backend: str = "auto") -> Tensor:
+                reduction: str = "mean", matryoshka_dims=None, matryoshka_weights=None,
+                matryoshka_normalize: bool = True, backend: str = "auto") -> Tensor:
     """Supervised contrastive loss (Khosla et al. 2020, "L_out"; docs/math.md §6), fused.
 
     ``ℓ_i = log Σ_{j∈A(i)} exp(S_ij) − (1/|P(i)|)·Σ_{p∈P(i)} S_ip`` with ``S = logit_scale·F·Rᵀ``:
@@ -216,6 +299,11 @@ def supcon_loss(features: Tensor, labels: Tensor, logit_scale: ScaleLike, *,
         features: (N, D). labels: (N,) int64 classes. logit_scale: s = 1/temperature (gets a
             gradient when it requires one). ref_features: (M, D), ref_labels: (M,) int64 — both
             or neither. reduction: "mean" | "sum" | "none" ((N,)).
+        matryoshka_dims, matryoshka_weights, matryoshka_normalize: Matryoshka training: the loss
+            is ``Σ_t w_t·loss(x[:, :d_t], …)`` over the strictly increasing prefix dimensions
+            ``d_t`` (the last ≤ D; weights default to 1), each prefix L2-normalised when
+            ``matryoshka_normalize`` (cosine at every prefix), all prefixes from one sweep over
+            the tiles (docs/math.md §9); ``reduction="none"`` gives the per-row weighted sums.
     Returns:
         Scalar or (N,); float32 (float64 for float64 inputs).
     """
@@ -234,8 +322,14 @@ def supcon_loss(features: Tensor, labels: Tensor, logit_scale: ScaleLike, *,
         key_labels = _checks.check_int_vector("ref_labels", ref_labels, ref_features.shape[0],
                                               features.device)
     scale = _checks.scale_tensor(logit_scale, features)
-    row, _, pos_sum, pos_count = _lse(features, keys, scale, None, labels, key_labels, exclude,
-                                      False, backend)
+    mrl = _matryoshka(matryoshka_dims, matryoshka_weights, matryoshka_normalize, features)
+    if mrl is None:
+        row, _, pos_sum, pos_count = _lse(features, keys, scale, None, labels, key_labels, exclude,
+                                          False, backend)
+    else:
+        row, _, pos_sum, pos_count = _lse_prefix(features, keys, scale, mrl, None, labels,
+                                                 key_labels, exclude, False, backend,
+                                                 same_keys=ref_features is None)
     has_pos = pos_count > 0
     # the candidates of row i, |A(i)|: every key, minus the self pair when keys are the features
     candidates = keys.shape[0] - (1 if exclude else 0)
@@ -243,6 +337,8 @@ def supcon_loss(features: Tensor, labels: Tensor, logit_scale: ScaleLike, *,
     keep = has_pos & batch_ok
     # selects, never multiplies: an anchor with nothing left has row = −inf, and 0/0 for |P| = 0
     per = torch.where(keep, row - pos_sum / pos_count.clamp_min(1), torch.zeros_like(row))
+    if mrl is not None:
+        per = _weighted(per, mrl[1])
     if reduction == "mean":
         return per.sum() / keep.sum().clamp_min(1).to(per.dtype)
     return _checks.reduce(per, reduction)
@@ -250,7 +346,8 @@ def supcon_loss(features: Tensor, labels: Tensor, logit_scale: ScaleLike, *,
 
 def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: ScaleLike,
                 logit_bias: Optional[ScaleLike] = None, *, labels: Optional[Tensor] = None,
-                reduction: str = "mean", backend: str = "auto") -> Tensor:
+                reduction: str = "mean", matryoshka_dims=None, matryoshka_weights=None,
+                matryoshka_normalize: bool = True, backend: str = "auto") -> Tensor:
     """The sigmoid (SigLIP) loss (Zhai et al. 2023; docs/math.md §7), fused, no N×N matrix.
 
     ``L = (1/N)·Σ_ij softplus(−z_ij·(s·img_i·txt_j + b))`` with ``z_ij = +1`` for positive pairs
@@ -263,6 +360,11 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scal
         logit_bias: b, a float or one-element tensor (None: 0); gets its exact gradient.
         labels: optional (N,) int64: every pair (i, j) with ``labels[i] == labels[j]`` is positive.
         reduction: "mean" (Σ/N, open_clip's) | "sum" | "none" (per image: Σ_j, shape (N,)).
+        matryoshka_dims, matryoshka_weights, matryoshka_normalize: Matryoshka training: the loss
+            is ``Σ_t w_t·loss(x[:, :d_t], …)`` over the strictly increasing prefix dimensions
+            ``d_t`` (the last ≤ D; weights default to 1), each prefix L2-normalised when
+            ``matryoshka_normalize`` (cosine at every prefix), all prefixes from one sweep over
+            the tiles (docs/math.md §9); ``reduction="none"`` gives the per-row weighted sums.
     Returns:
         Scalar or (N,); float32 (float64 for float64 inputs).
     """
@@ -275,8 +377,20 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scal
     classes = None
     if labels is not None:
         classes = _checks.check_int_vector("labels", labels, n, image_features.device)
-    rows = sigmoid_rows(image_features, text_features, scale, bias, classes, classes,
-                        classes is None, backend)
+    mrl = _matryoshka(matryoshka_dims, matryoshka_weights, matryoshka_normalize, image_features)
+    if mrl is None:
+        rows = sigmoid_rows(image_features, text_features, scale, bias, classes, classes,
+                            classes is None, backend)
+    else:
+        dims, weights, normalize = mrl
+        name = backends.resolve(backend, image_features.device, image_features.dtype,
+                                backends.features_of(sigmoid=True, prefix=True))
+        r = _inverse_prefix_norms(image_features, dims) if normalize else None
+        c = _inverse_prefix_norms(text_features, dims) if normalize else None
+        rows = _weighted(ops.sigmoid_prefix_fwd(image_features.contiguous(),
+                                                text_features.contiguous(), scale, bias, list(dims),
+                                                r, c, classes, classes, classes is None, name),
+                         weights)
     if reduction == "mean":
         return rows.sum() / n
     return _checks.reduce(rows, reduction)

@@ -12,23 +12,46 @@ from . import functional
 __all__ = ["ClipLoss", "InfoNCELoss", "NTXentLoss", "SupConLoss", "SigLipLoss"]
 
 
-class InfoNCELoss(nn.Module):
+class _Matryoshka:
+    """The modules' Matryoshka settings (keyword-only constructor arguments ``matryoshka_dims``,
+    ``matryoshka_weights``, ``matryoshka_normalize``; see ``functional.clip_loss``), validated
+    against D at the first call."""
+
+    def _set_matryoshka(self, dims, weights, normalize) -> None:
+        self.matryoshka_dims = None if dims is None else tuple(dims)
+        self.matryoshka_weights = None if weights is None else tuple(weights)
+        self.matryoshka_normalize = normalize
+
+    def _mrl(self) -> dict:
+        return dict(matryoshka_dims=self.matryoshka_dims, matryoshka_weights=self.matryoshka_weights,
+                    matryoshka_normalize=self.matryoshka_normalize)
+
+    def _single_process_only(self, world_size: int) -> None:
+        if self.matryoshka_dims is not None and world_size > 1:
+            raise NotImplementedError(
+                f"{type(self).__name__}: Matryoshka dims with world_size > 1 are not implemented "
+                "yet; compute the loss on gathered features with world_size=1")
+
+
+class InfoNCELoss(_Matryoshka, nn.Module):
     """Module form of :func:`contrastive_kernels.info_nce`.
 
     ``forward(query (N, D), keys (M, D), logit_scale, labels=None (N,) int64)`` → loss.
     """
 
-    def __init__(self, *, reduction: str = "mean", backend: str = "auto"):
+    def __init__(self, *, reduction: str = "mean", matryoshka_dims=None, matryoshka_weights=None,
+                 matryoshka_normalize: bool = True, backend: str = "auto"):
         super().__init__()
         self.reduction = reduction
         self.backend = backend
+        self._set_matryoshka(matryoshka_dims, matryoshka_weights, matryoshka_normalize)
 
     def forward(self, query: Tensor, keys: Tensor, logit_scale, labels: Optional[Tensor] = None):
         return functional.info_nce(query, keys, logit_scale, labels, reduction=self.reduction,
-                                   backend=self.backend)
+                                   backend=self.backend, **self._mrl())
 
 
-class ClipLoss(nn.Module):
+class ClipLoss(_Matryoshka, nn.Module):
     """Drop-in replacement for open_clip's ``ClipLoss``, computed by the fused op family.
 
     Same constructor and call as open_clip: ``forward(image_features (N, D), text_features (N, D),
@@ -63,8 +86,11 @@ class ClipLoss(nn.Module):
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
                  cache_labels: bool = False, rank: int = 0, world_size: int = 1,
-                 use_horovod: bool = False, *, backend: str = "auto", ring: bool = False):
+                 use_horovod: bool = False, *, backend: str = "auto", ring: bool = False,
+                 matryoshka_dims=None, matryoshka_weights=None, matryoshka_normalize: bool = True):
         super().__init__()
+        self._set_matryoshka(matryoshka_dims, matryoshka_weights, matryoshka_normalize)
+        self._single_process_only(world_size)
         if use_horovod:
             raise NotImplementedError("ClipLoss(use_horovod=True) is not supported; use "
                                       "torch.distributed")
@@ -101,7 +127,7 @@ class ClipLoss(nn.Module):
                 logit_bias=None, output_dict: bool = False):
         if self.world_size == 1:
             loss = functional.clip_loss(image_features, text_features, logit_scale, logit_bias,
-                               backend=self.backend)
+                                        backend=self.backend, **self._mrl())
         else:
             from . import distributed
             distributed.check_rank_world(self.rank, self.world_size)
@@ -119,43 +145,47 @@ class ClipLoss(nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
 
-class NTXentLoss(nn.Module):
+class NTXentLoss(_Matryoshka, nn.Module):
     """Module form of :func:`contrastive_kernels.nt_xent_loss` (SimCLR, 2N views).
 
     ``forward(view_a (N, D), view_b (N, D), logit_scale)`` → loss. ``logit_scale`` is
     ``1/temperature``, already exponentiated; pass a tensor that requires grad to learn it.
     """
 
-    def __init__(self, *, reduction: str = "mean", backend: str = "auto"):
+    def __init__(self, *, reduction: str = "mean", matryoshka_dims=None, matryoshka_weights=None,
+                 matryoshka_normalize: bool = True, backend: str = "auto"):
         super().__init__()
         self.reduction = reduction
         self.backend = backend
+        self._set_matryoshka(matryoshka_dims, matryoshka_weights, matryoshka_normalize)
 
     def forward(self, view_a: Tensor, view_b: Tensor, logit_scale):
         return functional.nt_xent_loss(view_a, view_b, logit_scale, reduction=self.reduction,
-                                       backend=self.backend)
+                                       backend=self.backend, **self._mrl())
 
 
-class SupConLoss(nn.Module):
+class SupConLoss(_Matryoshka, nn.Module):
     """Module form of :func:`contrastive_kernels.supcon_loss`.
 
     ``forward(features (N, D), labels (N,) int64, logit_scale, ref_features=None (M, D),
     ref_labels=None (M,))`` → loss. Multi-view SupCon: stack the views as rows with equal labels.
     """
 
-    def __init__(self, *, reduction: str = "mean", backend: str = "auto"):
+    def __init__(self, *, reduction: str = "mean", matryoshka_dims=None, matryoshka_weights=None,
+                 matryoshka_normalize: bool = True, backend: str = "auto"):
         super().__init__()
         self.reduction = reduction
         self.backend = backend
+        self._set_matryoshka(matryoshka_dims, matryoshka_weights, matryoshka_normalize)
 
     def forward(self, features: Tensor, labels: Tensor, logit_scale,
                 ref_features: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None):
         return functional.supcon_loss(features, labels, logit_scale, ref_features=ref_features,
                                       ref_labels=ref_labels, reduction=self.reduction,
-                                      backend=self.backend)
+                                      backend=self.backend, **self._mrl())
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(_Matryoshka, nn.Module):
     """Drop-in replacement for open_clip's ``SigLipLoss``, computed by the fused sigmoid op.
 
     Same constructor and call as open_clip: ``forward(image_features (N, D), text_features (N, D),
@@ -186,8 +216,11 @@ class SigLipLoss(nn.Module):
     """
 
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
-                 dist_impl: Optional[str] = None, *, backend: str = "auto"):
+                 dist_impl: Optional[str] = None, *, backend: str = "auto", matryoshka_dims=None,
+                 matryoshka_weights=None, matryoshka_normalize: bool = True):
         super().__init__()
+        self._set_matryoshka(matryoshka_dims, matryoshka_weights, matryoshka_normalize)
+        self._single_process_only(world_size)
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a positive int, got {world_size!r}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
@@ -206,7 +239,7 @@ class SigLipLoss(nn.Module):
                 logit_bias=None, output_dict: bool = False):
         if self.world_size == 1:
             loss = functional.siglip_loss(image_features, text_features, logit_scale, logit_bias,
-                                          backend=self.backend)
+                                          backend=self.backend, **self._mrl())
         else:
             from . import distributed
             distributed.check_rank_world(self.rank, self.world_size, what="SigLipLoss")

@@ -14,6 +14,7 @@ import os
 import torch
 
 from .._types import stat_dtype
+from . import _prefix
 from ._blocks import block_grad, block_stats, sigmoid_block
 
 # Elements of one chunk of S (float32: 16 MiB). Large enough that each block matmul runs near the
@@ -99,3 +100,49 @@ def sigmoid_bwd(query, keys, scale, bias, row_classes, col_classes, diagonal, gr
         grad_k.addmm_(g.T, query[rows].to(st))
         grad_b[rows] = g.sum(dim=1)
     return grad_q, grad_k.mul_(sc), grad_b
+
+
+# ---------------------------------------------------------------------------------------------
+# prefix (Matryoshka) families (docs/math.md §9): the backward keeps one block per prefix alive
+# ---------------------------------------------------------------------------------------------
+
+def _row_blocks(query, keys, scale, blocks_alive: int):
+    """(rows, query block, keys, scale) in the statistic dtype, blocks of rows sized so that
+    ``blocks_alive`` S-sized blocks fit in ``CHUNK_ELEMENTS``."""
+    st = stat_dtype(query.dtype)
+    n, m = query.shape[0], keys.shape[0]
+    k = keys.to(st)
+    sc = scale.to(st)
+    block = row_block(n, m * blocks_alive)
+    for start in range(0, n, block):
+        rows = torch.arange(start, min(n, start + block), device=query.device)
+        yield rows, query[start:start + block].to(st), k, sc
+
+
+def lse_prefix_fwd(query, keys, scale, dims, row_scale, col_scale, labels, row_classes,
+                   col_classes, exclude_self, compute_col):
+    return _prefix.lse_prefix_fwd(_row_blocks(query, keys, scale, 2), query, keys, scale, dims,
+                                  row_scale, col_scale, labels, row_classes, col_classes,
+                                  exclude_self, compute_col)
+
+
+def lse_prefix_bwd(query, keys, scale, dims, row_scale, col_scale, labels, row_classes,
+                   col_classes, exclude_self, row_lse, col_lse, grad_row, grad_col, grad_pos):
+    return _prefix.lse_prefix_bwd(_row_blocks(query, keys, scale, len(dims) + 3), query, keys,
+                                  scale, dims, row_scale, col_scale, labels, row_classes,
+                                  col_classes, exclude_self, row_lse, col_lse, grad_row, grad_col,
+                                  grad_pos)
+
+
+def sigmoid_prefix_fwd(query, keys, scale, bias, dims, row_scale, col_scale, row_classes,
+                       col_classes, diagonal):
+    return _prefix.sigmoid_prefix_fwd(_row_blocks(query, keys, scale, 3), query, keys, scale,
+                                      bias, dims, row_scale, col_scale, row_classes, col_classes,
+                                      diagonal)
+
+
+def sigmoid_prefix_bwd(query, keys, scale, bias, dims, row_scale, col_scale, row_classes,
+                       col_classes, diagonal, grad_row):
+    return _prefix.sigmoid_prefix_bwd(_row_blocks(query, keys, scale, len(dims) + 4), query, keys,
+                                      scale, bias, dims, row_scale, col_scale, row_classes,
+                                      col_classes, diagonal, grad_row)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .._types import stat_dtype
+from . import _prefix
 from ._blocks import block_grad, block_stats, sigmoid_block
 
 
@@ -60,3 +61,29 @@ def sigmoid_bwd(query, keys, scale, bias, row_classes, col_classes, diagonal, gr
     _, x, z = sigmoid_block(s, rows, bias, row_classes, col_classes, diagonal)
     g = grad_row[:, None] * (-z) * torch.sigmoid(x)
     return sc * (g @ k), sc * (g.T @ q), g.sum(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# prefix (Matryoshka) families (docs/math.md §9): every row at once
+# ---------------------------------------------------------------------------------------------
+
+def _one_block(query, keys, scale):
+    st = stat_dtype(query.dtype)
+    yield (torch.arange(query.shape[0], device=query.device), query.to(st), keys.to(st),
+           scale.to(st))
+
+
+def lse_prefix_fwd(query, keys, scale, *args):
+    return _prefix.lse_prefix_fwd(_one_block(query, keys, scale), query, keys, scale, *args)
+
+
+def lse_prefix_bwd(query, keys, scale, *args):
+    return _prefix.lse_prefix_bwd(_one_block(query, keys, scale), query, keys, scale, *args)
+
+
+def sigmoid_prefix_fwd(query, keys, scale, *args):
+    return _prefix.sigmoid_prefix_fwd(_one_block(query, keys, scale), query, keys, scale, *args)
+
+
+def sigmoid_prefix_bwd(query, keys, scale, *args):
+    return _prefix.sigmoid_prefix_bwd(_one_block(query, keys, scale), query, keys, scale, *args)

@@ -3,10 +3,14 @@ autograd site each, whatever the backend (docs/internals.md).
 
 ``lse.py``      ``contrastive_kernels::lse_fwd`` / ``lse_bwd``: row/column log-sum-exp and positives
 ``sigmoid.py``  ``contrastive_kernels::sigmoid_fwd`` / ``sigmoid_bwd``: per-row SigLIP sums
+``prefix.py``   ``contrastive_kernels::lse_prefix_*`` / ``sigmoid_prefix_*``: both families at every
+                Matryoshka prefix dimension in one sweep
 """
 from __future__ import annotations
 
 from .lse import lse_bwd, lse_fwd
+from .prefix import lse_prefix_bwd, lse_prefix_fwd, sigmoid_prefix_bwd, sigmoid_prefix_fwd
 from .sigmoid import sigmoid_bwd, sigmoid_fwd
 
-__all__ = ["lse_fwd", "lse_bwd", "sigmoid_fwd", "sigmoid_bwd"]
+__all__ = ["lse_fwd", "lse_bwd", "sigmoid_fwd", "sigmoid_bwd", "lse_prefix_fwd",
+           "lse_prefix_bwd", "sigmoid_prefix_fwd", "sigmoid_prefix_bwd"]
