@@ -76,18 +76,23 @@ def _weighted(per_prefix: Tensor, weights: tuple) -> Tensor:
 
 
 def _lse_prefix(query, keys, scale, mrl, labels, row_classes, col_classes, exclude_self,
-                compute_col, backend, same_keys: bool = False):
+                compute_col, backend, same_keys: bool = False, row_groups=None, col_groups=None,
+                guide=None):
     """The prefix op on validated inputs: stats stacked (k, ·)."""
     dims, _, normalize = mrl
     name = backends.resolve(backend, query.device, query.dtype,
                             backends.features_of(exclude_self=exclude_self,
-                                                 classes=row_classes is not None, prefix=True))
+                                                 classes=row_classes is not None,
+                                                 groups=row_groups is not None,
+                                                 guide=guide is not None, prefix=True))
     r = c = None
     if normalize:
         r = _inverse_prefix_norms(query, dims)
         c = r if same_keys else _inverse_prefix_norms(keys, dims)
+    guide = guide if guide is not None else (None, None, None)
     return ops.lse_prefix_fwd(query.contiguous(), keys.contiguous(), scale, list(dims), r, c,
-                              labels, row_classes, col_classes, exclude_self, compute_col, name)
+                              labels, row_classes, col_classes, exclude_self, compute_col, name,
+                              row_groups, col_groups, *guide)
 
 
 def lse_stats(query: Tensor, keys: Tensor, logit_scale: ScaleLike, labels: Optional[Tensor] = None,
@@ -95,7 +100,8 @@ def lse_stats(query: Tensor, keys: Tensor, logit_scale: ScaleLike, labels: Optio
               query_classes: Optional[Tensor] = None, key_classes: Optional[Tensor] = None,
               query_groups: Optional[Tensor] = None, key_groups: Optional[Tensor] = None,
               guide_query: Optional[Tensor] = None, guide_keys: Optional[Tensor] = None,
-              guide_threshold=None, backend: str = "auto"):
+              guide_threshold=None, matryoshka_dims=None, matryoshka_normalize: bool = True,
+              backend: str = "auto"):
     """The log-sum-exp op's statistics of ``S = logit_scale·query·keysᵀ``, differentiable.
 
     Args:
@@ -117,6 +123,10 @@ def lse_stats(query: Tensor, keys: Tensor, logit_scale: ScaleLike, labels: Optio
             of row i (its labelled column, or a same-class column). The guide similarity is
             computed tile by tile in float32 (float64 for float64 inputs), never stored; the guide
             gets no gradient. For a cosine guide pass L2-normalised guide embeddings.
+        matryoshka_dims, matryoshka_normalize: the statistics at every prefix dimension
+            ``d_1 < … < d_k`` (of ``S^t = logit_scale·q[:, :d_t]·k[:, :d_t]ᵀ``, each prefix
+            L2-normalised when ``matryoshka_normalize``) from one sweep, stacked: every output
+            below gains a leading dimension k (``pos_count`` excepted).
     Returns:
         ``(row_lse (N,), col_lse (M,) or (0,), pos (N,))`` — ``log Σ_j exp(S_ij)``,
         ``log Σ_i exp(S_ij)`` over the kept pairs and ``S_{i, l_i}`` (0 when that pair is
@@ -141,6 +151,17 @@ def lse_stats(query: Tensor, keys: Tensor, logit_scale: ScaleLike, labels: Optio
         cg = _checks.check_int_vector("key_groups", key_groups, m, query.device)
     if any(x is not None for x in (guide_query, guide_keys, guide_threshold)):
         guide = _checks.check_guide(guide_query, guide_keys, guide_threshold, n, m, query)
+    mrl = _matryoshka(matryoshka_dims, None, matryoshka_normalize, query)
+
+    def op(labels, rc, cc):
+        if mrl is None:
+            return _lse(query, keys, scale, labels, rc, cc, exclude_self, compute_col, backend, rg,
+                        cg, guide)
+        out = _lse_prefix(query, keys, scale, mrl, labels, rc, cc, exclude_self, compute_col,
+                          backend, same_keys=keys is query, row_groups=rg, col_groups=cg,
+                          guide=guide)
+        return out if compute_col else (out[0], out[1].new_empty(out[1].shape[0], 0)) + out[2:]
+
     if query_classes is not None:
         if labels is not None:
             raise ValueError("pass labels (one positive column per row) or classes (every "
@@ -148,12 +169,10 @@ def lse_stats(query: Tensor, keys: Tensor, logit_scale: ScaleLike, labels: Optio
         rc = _checks.check_int_vector("query_classes", query_classes, n, query.device)
         cc = _checks.check_int_vector("key_classes", key_classes, m, query.device)
         scale = _checks.scale_tensor(logit_scale, query)
-        return _lse(query, keys, scale, None, rc, cc, exclude_self, compute_col, backend, rg, cg,
-                    guide)
+        return op(None, rc, cc)
     labels = _checks.check_labels(labels, n, m, query.device)
     scale = _checks.scale_tensor(logit_scale, query)
-    row, col, pos, _ = _lse(query, keys, scale, labels, None, None, exclude_self, compute_col,
-                            backend, rg, cg, guide)
+    row, col, pos, _ = op(labels, None, None)
     return row, col, pos
 
 

@@ -298,3 +298,45 @@ def test_bench_closures_time_the_same_loss(tmp_path, loss):
     upstream = loss_closure("sentence_transformers", loss, 48, 24, 4, str(tmp_path / "a"))(48)
     twin = loss_closure("ck.chunked", loss, 48, 24, 4, str(tmp_path / "b"))(48)
     assert abs(twin - upstream) <= 1e-5 * abs(upstream), (twin, upstream)
+
+
+# ---------------------------------------------------------------------------------------------
+# MatryoshkaLoss around the twins
+# ---------------------------------------------------------------------------------------------
+
+def _matryoshka_run(module, inner_name, inner_kwargs, models, columns, n_dims_per_step):
+    import random
+
+    model, guide = models["model"], models["guide"]
+    inner = make(module, inner_name, model, guide, inner_kwargs)
+    loss = module.MatryoshkaLoss(model, inner, [16, 8, 4, 2], matryoshka_weights=[1, 2, 0.5, 1],
+                                 n_dims_per_step=n_dims_per_step)
+    random.seed(5)  # the same draw of dims on both sides
+    return loss, loss_and_grads(loss, model, columns)
+
+
+@pytest.mark.parametrize("n_dims_per_step", [-1, 2])
+@pytest.mark.parametrize("inner_name,inner_kwargs,fused", [
+    ("MultipleNegativesRankingLoss", {}, True),
+    ("MultipleNegativesRankingLoss",
+     dict(directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")), True),
+    ("MultipleNegativesRankingLoss",
+     dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"), True),
+    ("CachedMultipleNegativesRankingLoss", dict(mini_batch_size=4), True),
+    ("CachedMultipleNegativesRankingLoss",
+     dict(mini_batch_size=4, directions=("query_to_doc", "doc_to_doc")), True),
+    ("MultipleNegativesRankingLoss", dict(hardness_mode="all_negatives", hardness_strength=5.0),
+     False),
+    ("GISTEmbedLoss", {}, False),
+], ids=["mnrl", "mnrl-gte", "mnrl-symmetric", "cached", "cached-doc2doc", "hardness", "gist"])
+def test_matryoshka_parity_float64(models, inner_name, inner_kwargs, fused, n_dims_per_step):
+    # every selected dim from one sweep around the MNRL twins; upstream's loop around the rest
+    columns = texts(3, seed=40)
+    ours_loss, (got, got_g) = _matryoshka_run(ours, inner_name, dict(inner_kwargs, backend="chunked"),
+                                              models, columns, n_dims_per_step)
+    _, (want, want_g) = _matryoshka_run(st_losses, inner_name, inner_kwargs, models, columns,
+                                        n_dims_per_step)
+    assert ours_loss.fused is fused
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+    assert_grads_close(got_g, want_g, 1e-9, f"Matryoshka({inner_name})")
+    assert ours_loss.get_config_dict()["matryoshka_dims"] == (16, 8, 4, 2)

@@ -43,8 +43,9 @@ def _running_logits(q, k, dims, sc, rows, row_scale, col_scale):
 
 
 def lse_prefix_fwd(blocks, query, keys, scale, dims, row_scale, col_scale, labels, row_classes,
-                   col_classes, exclude_self, compute_col):
-    """(row_lse (k, N), col_lse (k, M) or (k, 0), pos (k, N), pos_count (N,) or (0,))."""
+                   col_classes, exclude_self, compute_col, **masks):
+    """(row_lse (k, N), col_lse (k, M) or (k, 0), pos (k, N), pos_count (N,) or (0,)); ``masks``
+    the log-sum-exp op's optional exclusions (groups, guide), the same at every prefix."""
     st = stat_dtype(query.dtype)
     n, m, kk = query.shape[0], keys.shape[0], len(dims)
     dev = query.device
@@ -54,7 +55,8 @@ def lse_prefix_fwd(blocks, query, keys, scale, dims, row_scale, col_scale, label
     col = torch.full((kk, m), float("-inf"), dtype=st, device=dev) if compute_col else None
     for rows, q, k, sc in blocks:
         for t, s in _running_logits(q, k, dims, sc, rows, row_scale, col_scale):
-            r, c, p, cnt = block_stats(s, rows, labels, row_classes, col_classes, exclude_self)
+            r, c, p, cnt = block_stats(s, rows, labels, row_classes, col_classes, exclude_self,
+                                       **masks)
             row[t, rows], pos[t, rows] = r, p
             if cnt is not None:
                 count[rows] = cnt
@@ -98,14 +100,15 @@ def _backward(blocks, query, keys, dims, grad_of_prefix, row_scale, col_scale):
 
 
 def lse_prefix_bwd(blocks, query, keys, scale, dims, row_scale, col_scale, labels, row_classes,
-                   col_classes, exclude_self, row_lse, col_lse, grad_row, grad_col, grad_pos):
+                   col_classes, exclude_self, row_lse, col_lse, grad_row, grad_col, grad_pos,
+                   **masks):
     """(grad_query (N, D), grad_keys (M, D), row_dot (k, N), col_dot (k, M))."""
     def grad_of_prefix(t, s, rows):
         return block_grad(s, rows, labels, row_classes, col_classes, exclude_self, row_lse[t],
                           col_lse[t] if grad_col is not None else None,
                           None if grad_row is None else grad_row[t],
                           None if grad_col is None else grad_col[t],
-                          None if grad_pos is None else grad_pos[t])
+                          None if grad_pos is None else grad_pos[t], **masks)
     return _backward(blocks, query, keys, dims, grad_of_prefix, row_scale, col_scale)
 
 

@@ -120,18 +120,19 @@ def _row_blocks(query, keys, scale, blocks_alive: int):
 
 
 def lse_prefix_fwd(query, keys, scale, dims, row_scale, col_scale, labels, row_classes,
-                   col_classes, exclude_self, compute_col):
-    return _prefix.lse_prefix_fwd(_row_blocks(query, keys, scale, 2), query, keys, scale, dims,
+                   col_classes, exclude_self, compute_col, **masks):
+    return _prefix.lse_prefix_fwd(_row_blocks(query, keys, scale, 3), query, keys, scale, dims,
                                   row_scale, col_scale, labels, row_classes, col_classes,
-                                  exclude_self, compute_col)
+                                  exclude_self, compute_col, **masks)
 
 
 def lse_prefix_bwd(query, keys, scale, dims, row_scale, col_scale, labels, row_classes,
-                   col_classes, exclude_self, row_lse, col_lse, grad_row, grad_col, grad_pos):
-    return _prefix.lse_prefix_bwd(_row_blocks(query, keys, scale, len(dims) + 3), query, keys,
+                   col_classes, exclude_self, row_lse, col_lse, grad_row, grad_col, grad_pos,
+                   **masks):
+    return _prefix.lse_prefix_bwd(_row_blocks(query, keys, scale, len(dims) + 4), query, keys,
                                   scale, dims, row_scale, col_scale, labels, row_classes,
                                   col_classes, exclude_self, row_lse, col_lse, grad_row, grad_col,
-                                  grad_pos)
+                                  grad_pos, **masks)
 
 
 def sigmoid_prefix_fwd(query, keys, scale, bias, dims, row_scale, col_scale, row_classes,

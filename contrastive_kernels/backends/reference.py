@@ -73,12 +73,14 @@ def _one_block(query, keys, scale):
            scale.to(st))
 
 
-def lse_prefix_fwd(query, keys, scale, *args):
-    return _prefix.lse_prefix_fwd(_one_block(query, keys, scale), query, keys, scale, *args)
+def lse_prefix_fwd(query, keys, scale, *args, **masks):
+    return _prefix.lse_prefix_fwd(_one_block(query, keys, scale), query, keys, scale, *args,
+                                  **masks)
 
 
-def lse_prefix_bwd(query, keys, scale, *args):
-    return _prefix.lse_prefix_bwd(_one_block(query, keys, scale), query, keys, scale, *args)
+def lse_prefix_bwd(query, keys, scale, *args, **masks):
+    return _prefix.lse_prefix_bwd(_one_block(query, keys, scale), query, keys, scale, *args,
+                                  **masks)
 
 
 def sigmoid_prefix_fwd(query, keys, scale, *args):

@@ -25,6 +25,8 @@ twin                                               sentence-transformers' semant
                                                    of negative columns
 ``ContrastiveTensionLossInBatchNegatives``         two encoders, learnable scale: the fused
                                                    ``clip_loss``
+``MatryoshkaLoss``                                 around the MNRL twins: every selected prefix
+                                                   dimension from one sweep per direction
 =================================================  ===============================================
 
 sentence-transformers builds the (queries × candidates) score matrix — B × B·(1+n) with n hard
@@ -48,6 +50,7 @@ Every twin takes one extra keyword, ``backend`` (``"auto"``; see ``contrastive_k
 """
 from __future__ import annotations
 
+import random
 import warnings
 from typing import Any, Iterable, Optional, Sequence
 
@@ -56,6 +59,7 @@ from torch import Tensor
 
 try:
     import sentence_transformers
+    from sentence_transformers.base.losses.gradcache import resolve_gradient_cache_loss
     from sentence_transformers.base.losses.merged_forward import embed_columns
     from sentence_transformers.sentence_transformer import losses as _st
     from sentence_transformers.util import (all_gather_with_grad, batch_to_device, cos_sim,
@@ -72,7 +76,7 @@ __all__ = [
     "MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss",
     "CachedMultipleNegativesRankingLoss", "CachedMultipleNegativesSymmetricRankingLoss",
     "GISTEmbedLoss", "CachedGISTEmbedLoss", "ContrastiveTensionLossInBatchNegatives",
-    "mnrl_loss", "gist_loss",
+    "MatryoshkaLoss", "mnrl_loss", "gist_loss",
 ]
 
 _SIMILARITIES = "sentence_transformers.util.cos_sim or sentence_transformers.util.dot_score"
@@ -163,7 +167,8 @@ def _hard_query_to_doc(local_queries: Tensor, docs: Sequence[Tensor], docs_all: 
 def mnrl_loss(queries: Tensor, docs: Sequence[Tensor], scale: float, *, normalize: bool = True,
               directions: Sequence[str] = ("query_to_doc",), partition_mode: str = "joint",
               gather_across_devices: bool = False, hardness_mode: Optional[str] = None,
-              hardness_strength: float = 0.0, backend: str = "auto") -> Tensor:
+              hardness_strength: float = 0.0, matryoshka: Optional[tuple] = None,
+              backend: str = "auto") -> Tensor:
     """sentence-transformers' MultipleNegativesRankingLoss on embeddings, fused.
 
     Args:
@@ -174,10 +179,16 @@ def mnrl_loss(queries: Tensor, docs: Sequence[Tensor], scale: float, *, normaliz
         directions, partition_mode: as sentence-transformers (``query_to_doc`` always present).
         hardness_mode, hardness_strength: upstream's hardness weighting of the query_to_doc
             negatives (``strength·stopgrad(sim)`` added to their logits); None or 0 disables it.
+        matryoshka: ``(dims, weights)`` — the loss is ``Σ_t w_t·loss(prefix d_t)`` with every
+            prefix L2-normalised (sentence-transformers' ``MatryoshkaLoss``), all prefixes from one
+            sweep per direction; dims strictly increasing. Not combined with ``hardness_mode``.
     Returns:
         The mean over the B queries of ``log Z_i − scale·sim(q_i, d_i)``, a 0-dim tensor.
     """
-    if normalize:
+    hard = hardness_mode is not None and hardness_strength > 0.0
+    if matryoshka is not None and hard:
+        raise NotImplementedError("mnrl_loss: matryoshka together with hardness_mode is not fused")
+    if normalize and matryoshka is None:
         queries = normalize_embeddings(queries)
         docs = [normalize_embeddings(d) for d in docs]
     b = queries.shape[0]
@@ -191,29 +202,35 @@ def mnrl_loss(queries: Tensor, docs: Sequence[Tensor], scale: float, *, normaliz
     docs_all = torch.cat(list(docs)) if len(docs) > 1 else docs[0]
     local = torch.arange(offset, offset + b, device=queries.device)
     local_queries, local_docs = queries[offset:offset + b], docs[0][offset:offset + b]
+    prefix = {} if matryoshka is None else {"matryoshka_dims": matryoshka[0]}
+
+    def stats(q, k, *args, **kw):
+        return lse_stats(q, k, scale, *args, backend=backend, **prefix, **kw)
+
     # doc_to_query on one process's batch is the column statistic of the query_to_doc sweep
     # (column i < B holds doc i against every query): no second pass over the logits.
-    hard = hardness_mode is not None and hardness_strength > 0.0
     col_too = "doc_to_query" in directions and shared and not hard
     if hard:
         row, pos = _hard_query_to_doc(local_queries, docs, docs_all, local, world, scale,
                                       hardness_strength, hardness_mode, backend)
     else:
-        row, col, pos = lse_stats(local_queries, docs_all, scale, local, compute_col=col_too,
-                                  backend=backend)
+        row, col, pos = stats(local_queries, docs_all, local, compute_col=col_too)
     lses = [row]
     if "query_to_query" in directions:
-        lses.append(lse_stats(local_queries, queries, scale, compute_col=False, backend=backend,
-                              **_exclude_own(local, world, shared))[0])
+        lses.append(stats(local_queries, queries, compute_col=False,
+                          **_exclude_own(local, world, shared))[0])
     if "doc_to_query" in directions:
-        lses.append(col[:b] if col_too else
-                    lse_stats(local_docs, queries, scale, compute_col=False, backend=backend)[0])
+        lses.append(col[..., :b] if col_too else stats(local_docs, queries, compute_col=False)[0])
     if "doc_to_doc" in directions:
         # a document is no negative of its own query's other documents (column j is query j % world's)
         groups = torch.arange(docs_all.shape[0], device=queries.device) % world
-        lses.append(lse_stats(local_docs, docs_all, scale, compute_col=False, query_groups=local,
-                              key_groups=groups, backend=backend)[0])
-    return (_log_partition(lses, partition_mode) - pos).mean()
+        lses.append(stats(local_docs, docs_all, compute_col=False, query_groups=local,
+                          key_groups=groups)[0])
+    per_prefix = (_log_partition(lses, partition_mode) - pos).mean(dim=-1)
+    if matryoshka is None:
+        return per_prefix
+    weights = torch.tensor(matryoshka[1], dtype=per_prefix.dtype, device=per_prefix.device)
+    return (weights * per_prefix).sum()
 
 
 def _tie_tolerance(threshold: Tensor) -> Tensor:
@@ -305,7 +322,10 @@ class MultipleNegativesRankingLoss(_st.MultipleNegativesRankingLoss):
         _normalizes(similarity_fct)
         self.backend = backend
 
-    def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Optional[Tensor] = None) -> Tensor:
+    def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Optional[Tensor] = None,
+                                     matryoshka: Optional[tuple] = None) -> Tensor:
+        """The loss from the columns' embeddings; ``matryoshka = (dims, weights)`` (from the
+        ``MatryoshkaLoss`` twin) sums it over prefix dimensions in one sweep per direction."""
         if len(embeddings) < 2:
             raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
         return mnrl_loss(embeddings[0], embeddings[1:], self.scale,
@@ -313,7 +333,7 @@ class MultipleNegativesRankingLoss(_st.MultipleNegativesRankingLoss):
                          partition_mode=self.partition_mode,
                          gather_across_devices=self.gather_across_devices,
                          hardness_mode=self.hardness_mode, hardness_strength=self.hardness_strength,
-                         backend=self.backend)
+                         matryoshka=matryoshka, backend=self.backend)
 
 
 _SYMMETRIC_DEPRECATION = (
@@ -367,7 +387,10 @@ class CachedMultipleNegativesRankingLoss(_st.CachedMultipleNegativesRankingLoss)
                        with_backward: bool = False) -> Tensor:
         """The loss of the whole batch from the per-mini-batch embeddings ``reps[column][chunk]``;
         with ``with_backward``, their gradients are filled and the detached loss returned."""
-        loss = self.loss.compute_loss_from_embeddings([torch.cat(r) for r in reps], labels)
+        source = getattr(self, "matryoshka_source", None)
+        matryoshka = source.draw(sort=False) if source is not None else None
+        loss = self.loss.compute_loss_from_embeddings([torch.cat(r) for r in reps], labels,
+                                                      matryoshka=matryoshka)
         if with_backward:
             loss.backward()
             loss = loss.detach()
@@ -501,3 +524,55 @@ class ContrastiveTensionLossInBatchNegatives(_st.ContrastiveTensionLossInBatchNe
         if self._normalize:
             a, b = normalize_embeddings(a), normalize_embeddings(b)
         return clip_loss(a, b, self.logit_scale.exp(), backend=self.backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# Matryoshka
+# ---------------------------------------------------------------------------------------------
+
+def _fuses_matryoshka(loss) -> bool:
+    """Whether ``loss`` computes every prefix in one sweep: an MNRL twin without hardness."""
+    target = loss.loss if isinstance(loss, CachedMultipleNegativesRankingLoss) else loss
+    return (isinstance(target, MultipleNegativesRankingLoss)
+            and not (target.hardness_mode is not None and target.hardness_strength > 0.0))
+
+
+class MatryoshkaLoss(_st.MatryoshkaLoss):
+    """sentence-transformers' ``MatryoshkaLoss`` (same arguments: the model, the inner loss, the
+    dims, weights and ``n_dims_per_step``; the same random choice of dims per step): around the
+    ``MultipleNegativesRankingLoss`` twins (and their Cached and symmetric forms) every selected
+    prefix dimension comes from one sweep of the fused op per direction — the similarity at prefix
+    d is a partial sum of the full one — instead of one loss per dimension. Around any other loss
+    (``hardness_mode``, GISTEmbed, upstream's classes) it is upstream's per-dimension loop."""
+
+    def __init__(self, model, loss, matryoshka_dims, matryoshka_weights=None,
+                 n_dims_per_step: int = -1) -> None:
+        super().__init__(model, loss, matryoshka_dims, matryoshka_weights=matryoshka_weights,
+                         n_dims_per_step=n_dims_per_step)
+        self.fused = _fuses_matryoshka(loss) and len(set(self.matryoshka_dims)) == len(self.matryoshka_dims)
+        if self.fused and self.uses_gradient_cache:
+            # upstream wrapped the cached loss's calculate_loss in a per-dimension loop; the twin's
+            # own calculate_loss asks this object for the dims instead
+            target = resolve_gradient_cache_loss(loss)
+            del target.calculate_loss
+            target.matryoshka_source = self
+
+    def draw(self, sort: bool) -> tuple:
+        """(dims ascending, their weights) of this step: all, or ``n_dims_per_step`` of them drawn
+        with ``random.sample`` exactly as upstream (the same draws from the same seed)."""
+        indices = range(len(self.matryoshka_dims))
+        if 0 < self.n_dims_per_step < len(indices):
+            indices = random.sample(indices, self.n_dims_per_step)
+            if sort:
+                indices.sort()
+        pairs = sorted((self.matryoshka_dims[i], self.matryoshka_weights[i]) for i in indices)
+        return tuple(d for d, _ in pairs), tuple(float(w) for _, w in pairs)
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
+        if not self.fused:
+            return super().forward(sentence_features, labels)
+        if self.uses_gradient_cache:
+            return self.loss(sentence_features, labels)
+        embeddings = embed_columns(self.model, list(sentence_features))
+        return self.loss.compute_loss_from_embeddings(embeddings, labels,
+                                                      matryoshka=self.draw(sort=True))

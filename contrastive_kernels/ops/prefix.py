@@ -19,6 +19,7 @@ from torch import Tensor
 from .._types import stat_dtype
 from ..backends import implementation
 from ._autocast import no_autocast
+from .lse import _masks
 
 __all__ = ["lse_prefix_fwd", "lse_prefix_bwd", "sigmoid_prefix_fwd", "sigmoid_prefix_bwd"]
 
@@ -28,17 +29,23 @@ def lse_prefix_fwd(query: Tensor, keys: Tensor, scale: Tensor, dims: list[int],
                    row_scale: Optional[Tensor], col_scale: Optional[Tensor],
                    labels: Optional[Tensor], row_classes: Optional[Tensor],
                    col_classes: Optional[Tensor], exclude_self: bool, compute_col: bool,
-                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(row_lse (k, N), col_lse (k, M) or (k, 0), pos (k, N), pos_count (N,) or (0,))."""
+                   backend: str, row_groups: Optional[Tensor] = None,
+                   col_groups: Optional[Tensor] = None, guide_query: Optional[Tensor] = None,
+                   guide_keys: Optional[Tensor] = None,
+                   guide_threshold: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(row_lse (k, N), col_lse (k, M) or (k, 0), pos (k, N), pos_count (N,) or (0,)); the
+    exclusion masks as in ``lse_fwd``, the same at every prefix."""
     fwd, _ = implementation(backend, "lse_prefix")
     with no_autocast(query.device):
         return tuple(fwd(query, keys, scale, dims, row_scale, col_scale, labels, row_classes,
-                         col_classes, exclude_self, compute_col))
+                         col_classes, exclude_self, compute_col,
+                         **_masks(row_groups, col_groups, guide_query, guide_keys, guide_threshold)))
 
 
 @lse_prefix_fwd.register_fake
 def _lse_prefix_fwd_fake(query, keys, scale, dims, row_scale, col_scale, labels, row_classes,
-                         col_classes, exclude_self, compute_col, backend):
+                         col_classes, exclude_self, compute_col, backend, row_groups=None,
+                         col_groups=None, guide_query=None, guide_keys=None, guide_threshold=None):
     st = stat_dtype(query.dtype)
     n, m, k = query.shape[0], keys.shape[0], len(dims)
     return (query.new_empty(k, n, dtype=st), query.new_empty(k, m if compute_col else 0, dtype=st),
@@ -52,18 +59,23 @@ def lse_prefix_bwd(query: Tensor, keys: Tensor, scale: Tensor, dims: list[int],
                    labels: Optional[Tensor], row_classes: Optional[Tensor],
                    col_classes: Optional[Tensor], exclude_self: bool, row_lse: Tensor,
                    col_lse: Tensor, grad_row: Optional[Tensor], grad_col: Optional[Tensor],
-                   grad_pos: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   grad_pos: Optional[Tensor], backend: str, row_groups: Optional[Tensor] = None,
+                   col_groups: Optional[Tensor] = None, guide_query: Optional[Tensor] = None,
+                   guide_keys: Optional[Tensor] = None,
+                   guide_threshold: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_query (N, D), grad_keys (M, D), row_dot (k, N), col_dot (k, M))."""
     _, bwd = implementation(backend, "lse_prefix")
     with no_autocast(query.device):
         return tuple(bwd(query, keys, scale, dims, row_scale, col_scale, labels, row_classes,
-                         col_classes, exclude_self, row_lse, col_lse, grad_row, grad_col, grad_pos))
+                         col_classes, exclude_self, row_lse, col_lse, grad_row, grad_col, grad_pos,
+                         **_masks(row_groups, col_groups, guide_query, guide_keys, guide_threshold)))
 
 
 @lse_prefix_bwd.register_fake
 def _lse_prefix_bwd_fake(query, keys, scale, dims, row_scale, col_scale, labels, row_classes,
                          col_classes, exclude_self, row_lse, col_lse, grad_row, grad_col, grad_pos,
-                         backend):
+                         backend, row_groups=None, col_groups=None, guide_query=None,
+                         guide_keys=None, guide_threshold=None):
     st = stat_dtype(query.dtype)
     k = len(dims)
     return (query.new_empty(query.shape, dtype=st), keys.new_empty(keys.shape, dtype=st),
@@ -87,18 +99,18 @@ def _scale_grads(ctx, row_dot, col_dot, scale, row_scale, col_scale):
 
 def _lse_setup(ctx, inputs, output):
     (query, keys, scale, dims, row_scale, col_scale, labels, row_classes, col_classes, exclude_self,
-     compute_col, backend) = inputs
+     compute_col, backend, *masks) = inputs
     row_lse, col_lse, _, _ = output
     ctx.save_for_backward(query, keys, scale, row_scale, col_scale, labels, row_classes,
-                          col_classes, row_lse, col_lse)
+                          col_classes, row_lse, col_lse, *masks)
     ctx.dims, ctx.exclude_self, ctx.compute_col, ctx.backend = list(dims), exclude_self, compute_col, backend
     ctx.set_materialize_grads(False)
 
 
 def _lse_backward(ctx, grad_row, grad_col, grad_pos, _grad_count):
     (query, keys, scale, row_scale, col_scale, labels, row_classes, col_classes, row_lse,
-     col_lse) = ctx.saved_tensors
-    none = (None,) * 12
+     col_lse, *masks) = ctx.saved_tensors
+    none = (None,) * 17
     if not ctx.compute_col:
         grad_col = None
     if grad_row is None and grad_col is None and grad_pos is None:
@@ -108,7 +120,7 @@ def _lse_backward(ctx, grad_row, grad_col, grad_pos, _grad_count):
                                     for g in (grad_row, grad_col, grad_pos))
     grad_q, grad_k, row_dot, col_dot = lse_prefix_bwd(
         query, keys, scale, ctx.dims, row_scale, col_scale, labels, row_classes, col_classes,
-        ctx.exclude_self, row_lse, col_lse, grad_row, grad_col, grad_pos, ctx.backend)
+        ctx.exclude_self, row_lse, col_lse, grad_row, grad_col, grad_pos, ctx.backend, *masks)
     grad_scale, grad_r, grad_c = _scale_grads(ctx, row_dot, col_dot, scale, row_scale, col_scale)
     return (grad_q.to(query.dtype) if ctx.needs_input_grad[0] else None,
             grad_k.to(keys.dtype) if ctx.needs_input_grad[1] else None,
