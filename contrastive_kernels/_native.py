@@ -71,7 +71,8 @@ def _register_fakes() -> None:
     from ._types import stat_dtype
 
     def fake_lse_fwd(query, keys, scale, labels, row_classes, col_classes, exclude_self,
-                     compute_col):
+                     compute_col, row_groups=None, col_groups=None, guide_query=None,
+                     guide_keys=None, guide_threshold=None):
         st = stat_dtype(query.dtype)
         n, m = query.shape[0], keys.shape[0]
         return (query.new_empty(n, dtype=st), query.new_empty(m if compute_col else 0, dtype=st),
@@ -79,7 +80,8 @@ def _register_fakes() -> None:
                 query.new_empty(n if row_classes is not None else 0, dtype=st))
 
     def fake_lse_bwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, row_lse,
-                     col_lse, grad_row, grad_col, grad_pos):
+                     col_lse, grad_row, grad_col, grad_pos, row_groups=None, col_groups=None,
+                     guide_query=None, guide_keys=None, guide_threshold=None):
         st = stat_dtype(query.dtype)
         return query.new_empty(query.shape, dtype=st), keys.new_empty(keys.shape, dtype=st)
 

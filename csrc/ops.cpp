@@ -12,8 +12,20 @@
 // S_ij = fl(s·⟨q_i, k_j⟩), rounded once, and every statistic is computed from that element.
 // row_classes (N,) / col_classes (M,): int64, both or neither.
 //
-// LSE family. E = {(i, i) : i < min(N, M)} when exclude_self, else ∅; an excluded pair enters no
-// statistic and no positive, and its logit gradient is exactly 0.
+// LSE family. The excluded set E is the union of
+//   {(i, i) : i < min(N, M)}                       when exclude_self;
+//   {(i, j) : row_groups_i = col_groups_j}         when the groups are given;
+//   {(i, j) : ⟨guide_query_i, guide_keys_j⟩ > guide_threshold_i, j not designated for i}
+//                                                  when the guide is given,
+// where the designated positives of row i are, with classes, every j with col_classes_j =
+// row_classes_i, else the labelled column l_i (below). An excluded pair enters no statistic and no
+// positive (a designated positive that is excluded, e.g. same-group, is no positive), and its
+// logit gradient is exactly 0. The masks, all optional (None), trailing in both ops:
+//   row_groups (N,) / col_groups (M,): int64, same device, both or neither;
+//   guide_query (N, Dg) / guide_keys (M, Dg): contiguous, in st (Dg may differ from D), and
+//   guide_threshold (N,) in st: all three or none. The guide dot is computed in st inside each
+//   tile and compared with a strict >; no N×M mask is ever stored, and the guide gets no gradient.
+//   The CUDA kernels do not implement the masks and refuse them.
 //   row_lse_i = log Σ_{j:(i,j)∉E} exp(S_ij)   (−inf when nothing is left); col_lse likewise, (0,)
 //               when compute_col is false.
 //   pos_i     = with classes: Σ_{j∈P(i)} S_ij, P(i) = {j : (i,j)∉E, col_classes_j = row_classes_i},
@@ -53,12 +65,16 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(ck_native, m) {
   m.def(
       "lse_fwd(Tensor query, Tensor keys, Tensor scale, Tensor? labels, Tensor? row_classes,"
-      " Tensor? col_classes, bool exclude_self, bool compute_col)"
+      " Tensor? col_classes, bool exclude_self, bool compute_col, Tensor? row_groups=None,"
+      " Tensor? col_groups=None, Tensor? guide_query=None, Tensor? guide_keys=None,"
+      " Tensor? guide_threshold=None)"
       " -> (Tensor row_lse, Tensor col_lse, Tensor pos, Tensor pos_count)");
   m.def(
       "lse_bwd(Tensor query, Tensor keys, Tensor scale, Tensor? labels, Tensor? row_classes,"
       " Tensor? col_classes, bool exclude_self, Tensor row_lse, Tensor col_lse,"
-      " Tensor? grad_row, Tensor? grad_col, Tensor? grad_pos)"
+      " Tensor? grad_row, Tensor? grad_col, Tensor? grad_pos, Tensor? row_groups=None,"
+      " Tensor? col_groups=None, Tensor? guide_query=None, Tensor? guide_keys=None,"
+      " Tensor? guide_threshold=None)"
       " -> (Tensor grad_query, Tensor grad_keys)");
   m.def(
       "sigmoid_fwd(Tensor query, Tensor keys, Tensor scale, Tensor bias, Tensor? row_classes,"

@@ -258,12 +258,12 @@ def test_import_error_names_the_extra(tmp_path):
 # inside SentenceTransformerTrainer
 # ---------------------------------------------------------------------------------------------
 
-def _train(tmp_path, name, module, kwargs, columns: int, steps: int = 10):
+def _train(tmp_path, name, module, kwargs, columns: int, steps: int = 10, dtype=torch.float64):
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
-    model = tiny_model(str(tmp_path / f"m-{module.__name__}"), seed=3, dtype=torch.float32)
-    guide = tiny_model(str(tmp_path / f"g-{module.__name__}"), seed=2, hidden=8, dtype=torch.float32)
+    model = tiny_model(str(tmp_path / f"m-{module.__name__}"), seed=3, dtype=dtype)
+    guide = tiny_model(str(tmp_path / f"g-{module.__name__}"), seed=2, hidden=8, dtype=dtype)
     cols = texts(columns, seed=99, b=4 * steps)
     data = Dataset.from_dict({n: c for n, c in zip(["anchor", "positive", "negative"], cols)})
     args = SentenceTransformerTrainingArguments(
@@ -278,6 +278,10 @@ def _train(tmp_path, name, module, kwargs, columns: int, steps: int = 10):
 
 @pytest.mark.parametrize("name", [p[0] for p in PAIRS])
 def test_ten_trainer_steps_match_upstream(tmp_path, name):
+    # float64 models: the trajectories agree to rounding (~1e-14). In float32 they agree to
+    # float32 rounding: GISTEmbed's temperature 0.01 puts the logits near 100, and per-step
+    # losses then differ by up to 1.5e-5 (cpu) and 8.8e-6 (chunked) over ten steps (measured
+    # 2026-12-03, step 0 already 1.4e-6); the float32 rule is test_float32_by_the_relative_rule
     kwargs = {"mini_batch_size": 2} if name.startswith("Cached") else {}
     if name == "MultipleNegativesRankingLoss":
         kwargs = dict(directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"))

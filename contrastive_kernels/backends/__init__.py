@@ -42,7 +42,7 @@ BACKEND_CHOICES = ("auto",) + BACKENDS
 # picks a backend for a call it cannot serve; asking for one explicitly raises NotImplementedError.
 FEATURES = ("exclude_self", "classes", "sigmoid", "groups", "guide", "prefix")
 MISSING = {"cuda": frozenset(FEATURES),  # the CUDA C++ kernels: plain log-sum-exp only (so far)
-           "cpu": frozenset({"groups", "guide", "prefix"}),
+           "cpu": frozenset({"prefix"}),
            "triton": frozenset({"groups", "guide", "prefix"})}
 
 _MODULES = {

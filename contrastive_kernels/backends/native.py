@@ -3,23 +3,29 @@
 One schema (csrc/ops.cpp) with a kernel per dispatch key — csrc/cpu for CPU tensors, csrc/cuda for
 CUDA tensors — so both backends are the same calls; the dispatcher picks the device's kernel. The
 CUDA kernels implement the plain log-sum-exp family only (``backends.MISSING``): exclusion,
-class positives and the sigmoid family never reach them.
+class positives, the exclusion masks (groups, guide) and the sigmoid family never reach them. The
+CPU kernels implement all of it, the masks included (decided per tile, csrc/cpu/lse_masks.h).
 """
 from __future__ import annotations
 
 import torch
 
 
-def lse_fwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, compute_col):
+def lse_fwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, compute_col,
+            row_groups=None, col_groups=None, guide_query=None, guide_keys=None,
+            guide_threshold=None):
     return tuple(torch.ops.ck_native.lse_fwd(query, keys, scale, labels, row_classes, col_classes,
-                                             exclude_self, compute_col))
+                                             exclude_self, compute_col, row_groups, col_groups,
+                                             guide_query, guide_keys, guide_threshold))
 
 
 def lse_bwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, row_lse, col_lse,
-            grad_row, grad_col, grad_pos):
+            grad_row, grad_col, grad_pos, row_groups=None, col_groups=None, guide_query=None,
+            guide_keys=None, guide_threshold=None):
     return tuple(torch.ops.ck_native.lse_bwd(query, keys, scale, labels, row_classes, col_classes,
                                              exclude_self, row_lse, col_lse, grad_row, grad_col,
-                                             grad_pos))
+                                             grad_pos, row_groups, col_groups, guide_query,
+                                             guide_keys, guide_threshold))
 
 
 def sigmoid_fwd(query, keys, scale, bias, row_classes, col_classes, diagonal):

@@ -8,11 +8,14 @@
 // order at the end (bitwise repeatable, tiling.h).
 // Terms whose upstream gradient is None are skipped and their statistic is never read; with only
 // label positives G has one entry per row and the tiles are skipped altogether (O(N·D)).
+// The optional masks (groups, guide: lse_masks.h) are decided per tile exactly as in the forward
+// (same guide GEMM, same bits): −inf before the tile pass, 0 after the positive terms.
 
 #include <limits>
 #include <vector>
 
 #include "lse_cpu.h"
+#include "lse_masks.h"
 #include "lse_tiles.h"
 #include "tiling.h"
 
@@ -58,6 +61,17 @@ void lse_bwd_impl(const LseBwdArgs<T>& a) {
     at::Tensor dk_private = at::empty({tl.groups - 1, M * D}, opts);
     T* tiles_ptr = tiles.data_ptr<T>();
     T* dk_ptr = dk_private.data_ptr<T>();
+    // Optional masks: per task a byte mask and, with a guide, its similarity tile (lse_masks.h).
+    const PairMasks<T>& mk = a.masks;
+    const bool masked = mk.active();
+    const Designated des{a.labels, a.row_ids, a.col_ids};
+    const int64_t mask_stride = aligned_stride<uint8_t>(tl.rows * tl.cols);
+    const int64_t gsim_stride = aligned_stride<T>(tl.rows * tl.cols);
+    at::Tensor mask_work =
+        at::empty({masked ? tl.tasks : 0, mask_stride}, at::TensorOptions().dtype(at::kByte));
+    at::Tensor gsim_work = at::empty({mk.guide() ? tl.tasks : 0, gsim_stride}, opts);
+    uint8_t* mask_ptr = mask_work.data_ptr<uint8_t>();
+    T* gsim_ptr = gsim_work.data_ptr<T>();
     auto group_dk = [&](int64_t g) { return g == 0 ? a.grad_k : dk_ptr + (g - 1) * M * D; };
 
     for_each_row_block(
@@ -69,18 +83,31 @@ void lse_bwd_impl(const LseBwdArgs<T>& a) {
           const T dk_beta = g > 0 && blk == tl.group_begin(g) ? T(0) : T(1);
           const int64_t i0 = blk * tl.rows;
           const int64_t ib = std::min(tl.rows, N - i0);
+          uint8_t* mask = masked ? mask_ptr + slot * mask_stride : nullptr;
+          T* gsim = mk.guide() ? gsim_ptr + slot * gsim_stride : nullptr;
           for (int64_t j0 = 0; j0 < M; j0 += tl.cols) {
             const int64_t jt = std::min(tl.cols, M - j0);
-            auto self_pairs = [&](T v) {
+            // Excluded pairs of this tile (self pair included) when masks are given.
+            const int64_t n_excluded =
+                masked
+                    ? build_tile_mask(mk, des, a.exclude_self, i0, ib, j0, jt, tl.cols, gsim, mask)
+                    : 0;
+            // Writes v into the excluded elements of the tile.
+            auto set_excluded = [&](T v) {
+              if (masked) {
+                if (n_excluded) fill_masked(tile, ib, jt, tl.cols, mask, v);
+                return;
+              }
               for_each_self_pair(i0, ib, j0, jt,
                                  [&](int64_t r, int64_t c) { tile[r * tl.cols + c] = v; });
             };
+            const bool any_excluded = masked ? n_excluded > 0 : a.exclude_self;
             if (dense_terms) {
               // Recompute the tile and turn it into the dense part of G in place. An excluded
               // logit is −inf first, so its weights are e^−inf = 0 rather than a possible overflow.
               gemm<T>(false, true, ib, jt, D, s, a.Q + i0 * D, D, a.K + j0 * D, D, T(0), tile,
                       tl.cols);
-              if (a.exclude_self) self_pairs(ninf);
+              if (any_excluded) set_excluded(ninf);
               tk.bwd(tile, ib, jt, tl.cols, a.grad_row ? row_off.data() + i0 : nullptr,
                      a.grad_row ? a.grad_row + i0 : nullptr,
                      a.grad_col ? col_off.data() + j0 : nullptr,
@@ -101,7 +128,7 @@ void lse_bwd_impl(const LseBwdArgs<T>& a) {
               }
             }
             // Exactly 0 on the excluded pairs, whatever the terms above wrote there.
-            if (a.exclude_self) self_pairs(T(0));
+            if (any_excluded) set_excluded(T(0));
             // dQ_blk += s·G·K_tile, dK_tile += s·Gᵀ·Q_blk, both from the tile while in cache.
             gemm<T>(false, false, ib, D, jt, s, tile, tl.cols, a.K + j0 * D, D, T(1),
                     a.grad_q + i0 * D, D);
@@ -117,7 +144,7 @@ void lse_bwd_impl(const LseBwdArgs<T>& a) {
     // labels may repeat (several rows scattering into one row of grad_keys).
     for (int64_t i = 0; i < N; ++i) {
       const int64_t l = a.labels ? a.labels[i] : i;
-      if (a.exclude_self && l == i) continue;  // the excluded self-pair: G = 0
+      if (label_pair_excluded(a.masks, a.exclude_self, i, l)) continue;  // excluded: G = 0
       const T g = s * a.grad_pos[i];
       T* dq = a.grad_q + i * D;
       T* dk = a.grad_k + l * D;

@@ -6,11 +6,30 @@
 // Excluded set E = {(i, i) : i < min(N, M)} when exclude_self: such a pair enters nothing — no
 // statistic, no positive, and its logit gradient is exactly 0. Under exclusion a label l_i = i
 // names an excluded pair, so that row has no positive: pos_i = 0 and grad_pos_i is not applied.
+// The optional masks (PairMasks, lse_masks.h) grow E by the same-group pairs
+// (row_groups_i == col_groups_j) and the guided false negatives (⟨gq_i, gk_j⟩ > thr_i unless
+// (i, j) is a designated positive: same class, or the labelled column l_i); an excluded pair is
+// never a positive either, whichever rule excluded it.
 #pragma once
 
 #include <cstdint>
 
 namespace ck::cpu {
+
+// The optional exclusion masks of lse_fwd / lse_bwd, decided per tile (lse_masks.h): never an
+// N×M mask in memory. All pointers nullptr when not given.
+template <typename T>
+struct PairMasks {
+  const int64_t* row_groups = nullptr;  // (N,), with col_groups (M,): same group ⇒ excluded
+  const int64_t* col_groups = nullptr;
+  const T* guide_q = nullptr;    // (N, Dg), with guide_k (M, Dg) and guide_thr (N,)
+  const T* guide_k = nullptr;
+  const T* guide_thr = nullptr;
+  int64_t Dg = 0;
+  bool groups() const { return row_groups != nullptr; }
+  bool guide() const { return guide_q != nullptr; }
+  bool active() const { return groups() || guide(); }
+};
 
 template <typename T>
 struct LseFwdArgs {
@@ -25,6 +44,9 @@ struct LseFwdArgs {
   T* row_lse;  // (N,)
   T* col_lse;  // (M,), or nullptr: no column statistic
   T* pos;      // (N,), zeroed by the caller
+  PairMasks<T> masks;
+  T* pos_count = nullptr;  // (N,), zeroed by the caller: |P(i)| counted in the tiles (classes
+                           // with masks only; the caller counts it without tiles otherwise)
 };
 
 template <typename T>
@@ -44,6 +66,7 @@ struct LseBwdArgs {
   const T* grad_pos;  // (N,) or nullptr
   T* grad_q;          // (N, D), zeroed by the caller
   T* grad_k;          // (M, D), zeroed by the caller
+  PairMasks<T> masks;
 };
 
 template <typename T>

@@ -10,11 +10,19 @@
 // alpha, so S is rounded once): the positive logit enters `pos` with exactly the bits the row's
 // log-sum-exp saw, and since the element holding the row max contributes exactly 1 to the row sum,
 // row_lse_i ≥ pos_i holds in floating point for a single positive.
+//
+// With the optional masks (groups, guide: lse_masks.h) every tile gets a byte mask of its excluded
+// pairs (self pair included); the excluded elements read 0 in the class sums and −inf in the
+// statistics, exactly as self-exclusion alone does without masks, and with classes the positives
+// are counted in the same pass (pos_count), since the masks remove positives.
 
 #include <cmath>
 #include <limits>
 
+#include <vector>
+
 #include "lse_cpu.h"
+#include "lse_masks.h"
 #include "lse_tiles.h"
 #include "tiling.h"
 
@@ -39,6 +47,18 @@ void lse_fwd_impl(const LseFwdArgs<T>& a) {
   at::Tensor col_work = at::empty({compute_col ? tl.groups : 0, 2 * M}, opts);
   T* work_ptr = work.data_ptr<T>();
   T* col_ptr = col_work.data_ptr<T>();
+  // Optional masks: a byte mask per task, and with a guide its similarity tile per task.
+  const PairMasks<T>& mk = a.masks;
+  const bool masked = mk.active();
+  const Designated des{a.labels, a.row_ids, a.col_ids};
+  const int64_t mask_stride = aligned_stride<uint8_t>(tl.rows * tl.cols);
+  const int64_t gsim_stride = aligned_stride<T>(tl.rows * tl.cols);
+  at::Tensor mask_work =
+      at::empty({masked ? tl.tasks : 0, mask_stride}, at::TensorOptions().dtype(at::kByte));
+  at::Tensor gsim_work = at::empty({mk.guide() ? tl.tasks : 0, gsim_stride}, opts);
+  uint8_t* mask_ptr = mask_work.data_ptr<uint8_t>();
+  T* gsim_ptr = gsim_work.data_ptr<T>();
+  const bool count_pos = a.pos_count != nullptr;
 
   for_each_row_block(
       tl,
@@ -58,13 +78,40 @@ void lse_fwd_impl(const LseFwdArgs<T>& a) {
         T* csum = compute_col ? cmax + M : nullptr;
         const int64_t i0 = blk * tl.rows;
         const int64_t ib = std::min(tl.rows, N - i0);
+        uint8_t* mask = masked ? mask_ptr + slot * mask_stride : nullptr;
+        T* gsim = mk.guide() ? gsim_ptr + slot * gsim_stride : nullptr;
+        std::vector<int64_t> counts(count_pos ? ib : 0, 0);
         std::fill(rmax, rmax + ib, ninf);
         std::fill(rsum, rsum + ib, T(0));
         for (int64_t j0 = 0; j0 < M; j0 += tl.cols) {
           const int64_t jt = std::min(tl.cols, M - j0);
           gemm<T>(false, true, ib, jt, D, alpha, a.Q + i0 * D, D, a.K + j0 * D, D, T(0), tile,
                   tl.cols);
-          if (classes) {
+          // Excluded pairs of this tile (self pair included) when masks are given.
+          const int64_t n_excluded =
+              masked ? build_tile_mask(mk, des, a.exclude_self, i0, ib, j0, jt, tl.cols, gsim, mask)
+                     : 0;
+          if (masked && classes) {
+            if (n_excluded) fill_masked(tile, ib, jt, tl.cols, mask, T(0));
+            tk.pos_sum(tile, ib, jt, tl.cols, a.row_ids + i0, a.col_ids + j0, a.pos + i0);
+            if (count_pos) {
+              for (int64_t i = 0; i < ib; ++i) {
+                const int32_t ri = a.row_ids[i0 + i];
+                const int32_t* cid = a.col_ids + j0;
+                const uint8_t* m = mask + i * tl.cols;
+                int64_t n = 0;
+                for (int64_t c = 0; c < jt; ++c) n += (cid[c] == ri) & (m[c] == 0);
+                counts[i] += n;
+              }
+            }
+          } else if (masked) {
+            for (int64_t i = 0; i < ib; ++i) {
+              const int64_t l = a.labels ? a.labels[i0 + i] : i0 + i;
+              if (l >= j0 && l < j0 + jt && !mask[i * tl.cols + (l - j0)]) {
+                a.pos[i0 + i] = tile[i * tl.cols + (l - j0)];
+              }
+            }
+          } else if (classes) {
             // Excluded elements read as 0 in the class sum (adding 0 is exact), then −inf below.
             if (a.exclude_self) {
               for_each_self_pair(i0, ib, j0, jt,
@@ -82,7 +129,9 @@ void lse_fwd_impl(const LseFwdArgs<T>& a) {
           }
           // −inf: e^−inf = 0 exactly on every path and it never raises a max, so an excluded
           // element enters neither the row nor the column statistic.
-          if (a.exclude_self) {
+          if (masked) {
+            if (n_excluded) fill_masked(tile, ib, jt, tl.cols, mask, ninf);
+          } else if (a.exclude_self) {
             for_each_self_pair(i0, ib, j0, jt,
                                [&](int64_t r, int64_t c) { tile[r * tl.cols + c] = ninf; });
           }
@@ -93,6 +142,9 @@ void lse_fwd_impl(const LseFwdArgs<T>& a) {
         for (int64_t i = 0; i < ib; ++i) {
           a.row_lse[i0 + i] = static_cast<T>(static_cast<double>(rmax[i]) +
                                              std::log(static_cast<double>(rsum[i])));
+        }
+        for (int64_t i = 0; i < (count_pos ? ib : 0); ++i) {
+          a.pos_count[i0 + i] = static_cast<T>(counts[i]);
         }
       });
 

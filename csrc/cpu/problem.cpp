@@ -122,6 +122,58 @@ at::Tensor check_labels(const char* op, const std::optional<at::Tensor>& labels,
   return at::Tensor();
 }
 
+MaskInputs check_masks(const char* op, const std::optional<at::Tensor>& row_groups,
+                       const std::optional<at::Tensor>& col_groups,
+                       const std::optional<at::Tensor>& guide_query,
+                       const std::optional<at::Tensor>& guide_keys,
+                       const std::optional<at::Tensor>& guide_threshold, const Problem& p) {
+  MaskInputs mi;
+  const bool has_rg = row_groups.has_value(), has_cg = col_groups.has_value();
+  TORCH_CHECK(has_rg == has_cg, op,
+              ": row_groups and col_groups must be given together (both or neither), got ",
+              has_rg ? "row_groups given" : "row_groups None", " and ",
+              has_cg ? "col_groups given" : "col_groups None");
+  if (has_rg) {
+    auto check_groups = [&](const char* name, const at::Tensor& t, int64_t len) {
+      TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1 &&
+                      t.size(0) == len,
+                  op, ": ", name, " must be an int64 CPU tensor of shape (", len,
+                  "), got dtype ", t.scalar_type(), ", shape ", t.sizes(), ", device ",
+                  t.device());
+    };
+    check_groups("row_groups", *row_groups, p.N);
+    check_groups("col_groups", *col_groups, p.M);
+    mi.row_groups = row_groups->contiguous();
+    mi.col_groups = col_groups->contiguous();
+  }
+  const int given = int(guide_query.has_value()) + int(guide_keys.has_value()) +
+                    int(guide_threshold.has_value());
+  TORCH_CHECK(given == 0 || given == 3, op,
+              ": guide_query, guide_keys and guide_threshold must be given together (all three or "
+              "none), got guide_query ", guide_query.has_value() ? "given" : "None",
+              ", guide_keys ", guide_keys.has_value() ? "given" : "None", ", guide_threshold ",
+              guide_threshold.has_value() ? "given" : "None");
+  if (given == 3) {
+    const at::Tensor& gq = *guide_query;
+    const at::Tensor& gk = *guide_keys;
+    TORCH_CHECK(gq.device().is_cpu() && gk.device().is_cpu() && gq.scalar_type() == p.stat &&
+                    gk.scalar_type() == p.stat && gq.dim() == 2 && gk.dim() == 2,
+                op, ": guide_query and guide_keys must be 2-D ", p.stat,
+                " CPU tensors (the statistic dtype of the inputs), got dtypes ", gq.scalar_type(),
+                " and ", gk.scalar_type(), ", shapes ", gq.sizes(), " and ", gk.sizes(),
+                ", devices ", gq.device(), " and ", gk.device());
+    TORCH_CHECK(gq.size(0) == p.N && gk.size(0) == p.M && gq.size(1) == gk.size(1) &&
+                    gq.size(1) >= 1,
+                op, ": guide_query and guide_keys must have shapes (N, Dg) and (M, Dg) with N=",
+                p.N, ", M=", p.M, ", Dg >= 1, got ", gq.sizes(), " and ", gk.sizes());
+    mi.guide_query = gq.contiguous();
+    mi.guide_keys = gk.contiguous();
+    mi.guide_threshold = check_vector(op, "guide_threshold", guide_threshold, p.N, p.stat);
+    mi.Dg = gq.size(1);
+  }
+  return mi;
+}
+
 at::Tensor check_vector(const char* op, const char* name, const std::optional<at::Tensor>& t,
                         int64_t len, at::ScalarType stat) {
   if (!t.has_value()) return at::Tensor();

@@ -52,6 +52,25 @@ at::Tensor check_labels(const char* op, const std::optional<at::Tensor>& labels,
 at::Tensor check_vector(const char* op, const char* name, const std::optional<at::Tensor>& t,
                         int64_t len, at::ScalarType stat);
 
+// The optional exclusion masks of the LSE family (lse_masks.h), validated: row_groups (N,) and
+// col_groups (M,) int64 CPU tensors, both or neither; guide_query (N, Dg), guide_keys (M, Dg) and
+// guide_threshold (N,) CPU tensors in `stat` (the Python front door converts them), all three or
+// none, Dg ≥ 1 (it may differ from D). Returned contiguous; undefined where not given.
+struct MaskInputs {
+  at::Tensor row_groups, col_groups;
+  at::Tensor guide_query, guide_keys, guide_threshold;
+  int64_t Dg = 0;
+  bool groups() const { return row_groups.defined(); }
+  bool guide() const { return guide_query.defined(); }
+  bool active() const { return groups() || guide(); }
+};
+
+MaskInputs check_masks(const char* op, const std::optional<at::Tensor>& row_groups,
+                       const std::optional<at::Tensor>& col_groups,
+                       const std::optional<at::Tensor>& guide_query,
+                       const std::optional<at::Tensor>& guide_keys,
+                       const std::optional<at::Tensor>& guide_threshold, const Problem& p);
+
 // A float64 or float32 contiguous copy (a no-op for float32/float64 inputs): 16-bit inputs are
 // converted once, and every tile is then a float32 GEMM with float32 accumulation.
 inline at::Tensor as_stat(const at::Tensor& t, at::ScalarType stat) {

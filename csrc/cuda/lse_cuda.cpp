@@ -3,8 +3,9 @@
 // the raw-pointer launchers of lse_fwd.cu / lse_bwd.cu on the current stream; it is compiled only
 // when setup.py builds the CUDA extension (CK_WITH_CUDA).
 //
-// The schema's self-pair exclusion (exclude_self) and class positives (row_classes / col_classes)
-// are not implemented by these kernels yet: both ops refuse them up front, before any check or
+// The schema's self-pair exclusion (exclude_self), class positives (row_classes / col_classes) and
+// exclusion masks (row_groups / col_groups, guide_*) are not implemented by these kernels yet: both
+// ops refuse them up front, before any check or
 // allocation, so a caller learns which backend to use instead of getting a wrong statistic. Without
 // classes pos_count is the schema's empty (0,) float32 tensor.
 //
@@ -161,11 +162,29 @@ void check_no_unimplemented_options(const char* op, const std::optional<Tensor>&
   }
 }
 
+// The exclusion masks (row_groups / col_groups, guide_query / guide_keys / guide_threshold): not
+// implemented by these kernels; the Python layer routes such calls elsewhere (backends.MISSING),
+// and a direct call is refused up front.
+void check_no_masks(const char* op, const std::optional<Tensor>& row_groups,
+                    const std::optional<Tensor>& col_groups, const std::optional<Tensor>& guide_query,
+                    const std::optional<Tensor>& guide_keys, const std::optional<Tensor>& guide_threshold) {
+  const bool groups = row_groups.has_value() || col_groups.has_value();
+  const bool guide = guide_query.has_value() || guide_keys.has_value() || guide_threshold.has_value();
+  TORCH_CHECK(!groups && !guide, op, " on CUDA: the ", groups ? "same-group" : "guided false-negative",
+              " exclusion mask (", groups ? "row_groups / col_groups" : "guide_query / guide_keys / guide_threshold",
+              ") is not implemented for the cuda backend; use backend='cpu', 'chunked' or 'reference'");
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> lse_fwd_cuda(const Tensor& query, const Tensor& keys, const Tensor& scale,
                                                         const std::optional<Tensor>& labels,
                                                         const std::optional<Tensor>& row_classes,
                                                         const std::optional<Tensor>& col_classes, bool exclude_self,
-                                                        bool compute_col) {
+                                                        bool compute_col, const std::optional<Tensor>& row_groups,
+                                                        const std::optional<Tensor>& col_groups,
+                                                        const std::optional<Tensor>& guide_query,
+                                                        const std::optional<Tensor>& guide_keys,
+                                                        const std::optional<Tensor>& guide_threshold) {
+  check_no_masks("ck_native::lse_fwd", row_groups, col_groups, guide_query, guide_keys, guide_threshold);
   check_no_unimplemented_options("ck_native::lse_fwd", row_classes, col_classes, exclude_self);
   check_features(query, keys);
   check_scale(scale, query);
@@ -210,7 +229,12 @@ std::tuple<Tensor, Tensor> lse_bwd_cuda(const Tensor& query, const Tensor& keys,
                                         const std::optional<Tensor>& col_classes, bool exclude_self,
                                         const Tensor& row_lse, const Tensor& col_lse,
                                         const std::optional<Tensor>& grad_row, const std::optional<Tensor>& grad_col,
-                                        const std::optional<Tensor>& grad_pos) {
+                                        const std::optional<Tensor>& grad_pos, const std::optional<Tensor>& row_groups,
+                                        const std::optional<Tensor>& col_groups,
+                                        const std::optional<Tensor>& guide_query,
+                                        const std::optional<Tensor>& guide_keys,
+                                        const std::optional<Tensor>& guide_threshold) {
+  check_no_masks("ck_native::lse_bwd", row_groups, col_groups, guide_query, guide_keys, guide_threshold);
   check_no_unimplemented_options("ck_native::lse_bwd", row_classes, col_classes, exclude_self);
   check_features(query, keys);
   check_scale(scale, query);
