@@ -163,6 +163,36 @@ def test_group_and_guide_masks_are_not_quadratic(backend, control_16384):
         f"{control_16384['extra_bytes'] / MIB:.0f} MiB for one N×M matrix)")
 
 
+_MATRYOSHKA_SETUP = """
+import torch
+import contrastive_kernels as ck
+backend, n, d = {backend!r}, {n}, {d}
+g = torch.Generator().manual_seed(0)
+x = torch.randn(n, d, generator=g).requires_grad_()
+y = torch.randn(n, d, generator=g).requires_grad_()
+
+def run(m):
+    x.grad = y.grad = None
+    loss = ck.clip_loss(x[:m], y[:m], 20.0, matryoshka_dims=(8, 16, 32, 64), backend=backend)
+    loss.backward()
+    return bool(torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all())
+"""
+
+
+@pytest.mark.parametrize("backend", ["chunked", "auto"])
+def test_matryoshka_is_not_quadratic(backend, control_16384):
+    # four prefix dims, forward + backward at N = M = 16384, D = 64: the backward keeps one tile
+    # per prefix per block of rows, never an N×M matrix (1 GiB in float32, the control)
+    env = {k: v for k, v in os.environ.items() if k != "CK_CHUNK_ELEMENTS"}
+    out = _memprobe.peak_extra_bytes("result = run(n)", setup=_MATRYOSHKA_SETUP.format(
+        backend=backend, n=N, d=64), warmup="run(64)", env=env, timeout=600)
+    assert out["result"], out
+    assert out["extra_bytes"] < FUSED_BOUND, (
+        f"{backend}: Matryoshka clip_loss at N = M = {N} raised peak RSS by "
+        f"{out['extra_bytes'] / MIB:.0f} MiB (bound {FUSED_BOUND / MIB:.0f} MiB; the control saw "
+        f"{control_16384['extra_bytes'] / MIB:.0f} MiB for one N×M matrix)")
+
+
 _NATIVE_SETUP = """
 import torch
 from contrastive_kernels import _native

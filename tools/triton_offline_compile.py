@@ -12,9 +12,10 @@ without a GPU:
    driver that only answers "which device / stream / target").
 2. It runs the real host functions of ``contrastive_kernels/backends/triton`` (``forward.lse_fwd``,
    ``backward.lse_bwd``, ``sigmoid.sigmoid_fwd`` / ``sigmoid_bwd``) on CPU tensors for a matrix of
-   cases (dtypes, D resident vs chunked, labels, exclusion and class positives, column modes,
-   backward modes, round and awkward sizes), with the host planning as on an H100 (132 SMs, so
-   column splits and atomic dQ appear as they would there).
+   cases (dtypes, D resident vs chunked, labels, exclusion and class positives, the in-tile
+   same-group and guide masks, column modes, backward modes, round and awkward sizes), with the
+   host planning as on an H100 (132 SMs, so column splits and atomic dQ appear as they would
+   there).
 3. Every kernel launch is replaced by ``warmup``: Triton specialises on the real arguments exactly as
    in a launch and compiles every autotune config down to a cubin (bundled ptxas), launching
    nothing. The host's follow-up torch work (merges, the cuBLAS part of the gemm backward) runs on
@@ -75,6 +76,8 @@ class Case:
     family: str = "lse"              # lse | sigmoid
     exclude_self: bool = False       # lse: the self pair left out (NT-Xent, SupCon)
     classes: bool = False            # class positives (SupCon) / equal-label positives (SigLIP)
+    groups: bool = False             # lse: same-group exclusion (row_groups / col_groups)
+    guide_dg: int = 0                # lse: guided false-negative mask with a (·, Dg) guide; 0: none
 
 
 def cases(quick: bool) -> list[Case]:
@@ -110,6 +113,22 @@ def cases(quick: bool) -> list[Case]:
                             classes=True, grads="row"))
             out.append(Case(f"siglip-two-pass-{dt}", 4096, 4096, 128, dt, family="sigmoid",
                             grads="row", tuning={"deterministic": True}))
+    # the in-tile masks (same-group exclusion, guided false negatives): the guide dot in one chunk
+    # (Dg ≤ guide_chunk_d) and in a K-loop (Dg = 384), forward + fused / two-pass / gemm backward
+    out.append(Case("masked-bfloat16-d128", 4096, 4096, 128, "bfloat16", exclude_self=True,
+                    groups=True, guide_dg=64))
+    out.append(Case("masked-two-pass-bfloat16-d512-dg384", 4096, 4096, 512, "bfloat16", classes=True,
+                    groups=True, guide_dg=384, tuning={"deterministic": True}))
+    if not quick:
+        for dt in ("float32", "float16"):
+            out.append(Case(f"masked-{dt}-d64", 4096, 4096, 64, dt, labels=True, groups=True,
+                            guide_dg=64))
+            out.append(Case(f"masked-two-pass-{dt}-d128-dg384", 4096, 4096, 128, dt,
+                            exclude_self=True, guide_dg=384, tuning={"deterministic": True}))
+        out.append(Case("masked-atomic-cols-bfloat16", 4096, 4096, 256, "bfloat16", groups=True,
+                        guide_dg=32, tuning={"col_reduce": "atomic"}))
+        out.append(Case("masked-gemm-bfloat16", 4096, 4096, 512, "bfloat16", labels=True,
+                        groups=True, guide_dg=64))
     if quick:
         out.append(Case("atomic-cols-bfloat16", 4096, 4096, 512, "bfloat16",
                         tuning={"col_reduce": "atomic"}))
@@ -285,13 +304,22 @@ def main(argv=None) -> int:
                         sigmoid.sigmoid_fwd(q, k, s, b, rc, cc, not case.classes)
                         sigmoid.sigmoid_bwd(q, k, s, b, rc, cc, not case.classes, torch.ones(case.n))
                     else:
-                        forward.lse_fwd(q, k, s, lab, rc, cc, case.exclude_self, case.compute_col)
+                        masks = {}
+                        if case.groups:
+                            masks.update(row_groups=torch.randint(0, 64, (case.n,)),
+                                         col_groups=torch.randint(0, 64, (case.m,)))
+                        if case.guide_dg:
+                            masks.update(guide_query=torch.randn(case.n, case.guide_dg),
+                                         guide_keys=torch.randn(case.m, case.guide_dg),
+                                         guide_threshold=torch.zeros(case.n))
+                        forward.lse_fwd(q, k, s, lab, rc, cc, case.exclude_self, case.compute_col,
+                                        **masks)
                         backward.lse_bwd(
                             q, k, s, lab, rc, cc, case.exclude_self, torch.zeros(case.n),
                             torch.zeros(case.m if case.compute_col else 0),
                             torch.ones(case.n) if "row" in g else None,
                             torch.ones(case.m) if "col" in g and case.compute_col else None,
-                            torch.ones(case.n) if "pos" in g else None)
+                            torch.ones(case.n) if "pos" in g else None, **masks)
                 print(f"  case {case.name:<28} ok   {time.time() - tc:6.1f} s")
             except Exception as e:
                 msg = f"{case.name}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"

@@ -43,7 +43,7 @@ BACKEND_CHOICES = ("auto",) + BACKENDS
 FEATURES = ("exclude_self", "classes", "sigmoid", "groups", "guide", "prefix")
 MISSING = {"cuda": frozenset(FEATURES),  # the CUDA C++ kernels: plain log-sum-exp only (so far)
            "cpu": frozenset({"prefix"}),
-           "triton": frozenset({"groups", "guide", "prefix"})}
+           "triton": frozenset({"prefix"})}
 
 _MODULES = {
     "reference": ".reference",

@@ -5,8 +5,9 @@ schema (``schema``), one plotter (``plot``), one dense provider per op family (`
 one memory probe (``contrastive_kernels._memprobe``) — and named configurations of it
 (``configs``): the CLI sweep, the GPU kit's blocks (``headline``, ``huge``, ``gpu-sweep``,
 ``gpu-variants``), CPU tile tuning, and the SigLIP / SupCon / NT-Xent comparisons;
-``gradcache`` (whole training steps) is its own entry point in ``bench.gradcache``, and ``st``
-(sentence-transformers' losses against the fused twins) in ``bench.st``.
+``gradcache`` (whole training steps) is its own entry point in ``bench.gradcache``, ``st``
+(sentence-transformers' losses against the fused twins) in ``bench.st`` and ``matryoshka`` (every
+prefix from one sweep against one loss per prefix) in ``bench.matryoshka``.
 
     contrastive-kernels bench                       # the main job: clip fwd+bwd vs dense (~9 min, 2 cores)
     contrastive-kernels bench --quick               # the same in ~1 min (N = 256, 512)
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(bench gradcache --help) [~5 min]"
                                         "\n  st            sentence-transformers' losses vs the "
                                         "fused twins (bench st --help) [~10 min]"
+                                        "\n  matryoshka    Matryoshka clip loss: one sweep vs one "
+                                        "loss per prefix (bench matryoshka --help) [~5 min]"
                "\n\nexample head-to-head: contrastive-kernels bench "
                "--n 8192 --providers dense,open_clip,cpu --repeats 9")
     p.add_argument("config", nargs="?", default="sweep",
@@ -241,6 +244,9 @@ def main(argv=None) -> int:
     if argv and argv[0] == "st":
         from .st import main as st_main
         return st_main(argv[1:])
+    if argv and argv[0] == "matryoshka":
+        from .matryoshka import main as matryoshka_main
+        return matryoshka_main(argv[1:])
     args = build_parser().parse_args(argv)
     from .configs import CONFIGS
 
@@ -251,6 +257,8 @@ def main(argv=None) -> int:
               "--help) [~5 min]")
         print(f"{'st':<13} sentence-transformers' losses vs the fused twins (bench st --help) "
               "[~10 min]")
+        print(f"{'matryoshka':<13} Matryoshka clip loss: one sweep vs one loss per prefix "
+              "(bench matryoshka --help) [~5 min]")
         return 0
     if args.config == "plot":
         from .plot import plot_csv

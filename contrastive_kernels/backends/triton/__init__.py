@@ -59,17 +59,26 @@ def _load(stage: str):
         raise RuntimeError(f"triton backend unavailable: {e}") from e
 
 
-def lse_fwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, compute_col):
-    """Backend ``lse_fwd`` callable; see ``forward.lse_fwd``."""
+def lse_fwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, compute_col,
+            row_groups=None, col_groups=None, guide_query=None, guide_keys=None,
+            guide_threshold=None):
+    """Backend ``lse_fwd`` callable; see ``forward.lse_fwd``. The trailing masks (same-group
+    exclusion, guided false negatives) follow the op contract (csrc/ops.cpp)."""
     return _load("forward").lse_fwd(query, keys, scale, labels, row_classes, col_classes,
-                                    exclude_self, compute_col)
+                                    exclude_self, compute_col, row_groups=row_groups,
+                                    col_groups=col_groups, guide_query=guide_query,
+                                    guide_keys=guide_keys, guide_threshold=guide_threshold)
 
 
 def lse_bwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, row_lse, col_lse,
-            grad_row, grad_col, grad_pos):
+            grad_row, grad_col, grad_pos, row_groups=None, col_groups=None, guide_query=None,
+            guide_keys=None, guide_threshold=None):
     """Backend ``lse_bwd`` callable; see ``backward.lse_bwd``."""
     return _load("backward").lse_bwd(query, keys, scale, labels, row_classes, col_classes,
-                                     exclude_self, row_lse, col_lse, grad_row, grad_col, grad_pos)
+                                     exclude_self, row_lse, col_lse, grad_row, grad_col, grad_pos,
+                                     row_groups=row_groups, col_groups=col_groups,
+                                     guide_query=guide_query, guide_keys=guide_keys,
+                                     guide_threshold=guide_threshold)
 
 
 def sigmoid_fwd(query, keys, scale, bias, row_classes, col_classes, diagonal):

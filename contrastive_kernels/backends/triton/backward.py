@@ -1,7 +1,8 @@
 """Triton backward of both op families: feature gradients from one recomputation of each tile.
 
     lse_bwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, row_lse, col_lse,
-            grad_row, grad_col, grad_pos) -> (grad_query (N, D), grad_keys (M, D))
+            grad_row, grad_col, grad_pos, row_groups=None, col_groups=None, guide_query=None,
+            guide_keys=None, guide_threshold=None) -> (grad_query (N, D), grad_keys (M, D))
     sigmoid_bwd(...) (see ``sigmoid.py``) -> (grad_query, grad_keys, grad_bias_row (N,))
 
 ``_bwd_kernel`` is one generic "A against B" kernel: A-rows are owned by the program, B is swept
@@ -9,7 +10,10 @@ in tiles (``tiles.scaled_tile``, the forward's rounding). It forms the logit gra
 tile from the family's weights —
 
     log-sum-exp:  G = [kept]·(g_a·exp(S − lse_a) + g_b·exp(S − lse_b)) + g_pos·[positive]
-                  (both weights ≤ 1; the self pair is dropped by a select under EXCLUDE_SELF)
+                  (both weights ≤ 1; excluded pairs — the self pair, same-group pairs, guided
+                  false negatives, ``tiles.kept_pairs`` as in the forward — are dropped by a
+                  select, and an excluded designated positive is no positive; in the transposed
+                  launch the groups and guides swap sides and the thresholds are read per B row)
     sigmoid:      G = g·(−z)·σ(−z·(S + b)),  z = +1 on positive pairs, −1 elsewhere
 
 — and emits dA = s·G·B (owned: registers or plain RMW) and, optionally, dB = s·Gᵀ·A (float32
@@ -46,17 +50,21 @@ import triton
 import triton.language as tl
 
 from . import tuning as tu
-from .tiles import LOG2E, load_rows, scaled_tile, sigmoid_terms
+from .tiles import LOG2E, kept_pairs, load_rows, scaled_tile, sigmoid_terms
 
 
 @triton.autotune(configs=tu.bwd_configs(),
                  key=["D", "NA_KEY", "NB_KEY", "BLOCK_M", "BLOCK_D", "D_SINGLE", "SIGMOID", "EMIT_DB",
-                      "DA_ATOMIC", "STORE_G", "HAS_CLASSES", "EXCLUDE_SELF", "INPUT_PRECISION"],
+                      "DA_ATOMIC", "STORE_G", "HAS_CLASSES", "EXCLUDE_SELF", "HAS_GROUPS", "HAS_GUIDE",
+                      "BLOCK_DG", "DG_SINGLE", "INPUT_PRECISION"],
                  reset_to_zero=["dA_ptr", "dB_ptr"])
 @triton.jit
 def _bwd_kernel(
     A, B, scale_ptr, gscale_ptr, bias_ptr, labels_ptr,
     ca_ptr, cb_ptr,            # classes of the A rows / B rows [HAS_CLASSES]
+    gra_ptr, grb_ptr,          # groups of the A rows / B rows [HAS_GROUPS]
+    GA, GB, thr_ptr,           # float32 guides of the A rows / B rows, the query rows' thresholds
+                               # (A rows when LABELS_ON_A, else B rows) [HAS_GUIDE]
     lse_a_ptr, g_a_ptr,        # per A-row: natural-log lse and upstream weight
     lse_b_ptr, g_b_ptr,        # per B-row
     gpos_ptr,                  # per query row (A when LABELS_ON_A, else B)
@@ -66,6 +74,7 @@ def _bwd_kernel(
                                # s·ld_gsum + (r − row_start): indexed from this launch's first row
     NA, NB, D, row_start, cols_per_split, stride_a, stride_b, ldg,
     ld_da, ld_gsum,            # elements between the splits' slices of dA (private) and of gsum
+    DG, stride_ga, stride_gb,
     NA_KEY, NB_KEY,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     D_SINGLE: tl.constexpr, SIGMOID: tl.constexpr,
@@ -73,7 +82,9 @@ def _bwd_kernel(
     HAS_LABELS: tl.constexpr, HAS_CLASSES: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     DIAGONAL: tl.constexpr, LABELS_ON_A: tl.constexpr, EMIT_DB: tl.constexpr,
     DA_ATOMIC: tl.constexpr, STORE_G: tl.constexpr, EMIT_GSUM: tl.constexpr,
-    USE_GSCALE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    USE_GSCALE: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_GUIDE: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK_DG: tl.constexpr, DG_SINGLE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -102,10 +113,22 @@ def _bwd_kernel(
     if HAS_GPOS:
         if LABELS_ON_A:
             gpa = tl.load(gpos_ptr + rows, mask=row_valid, other=0.0) * gs
+    if HAS_GPOS or HAS_GUIDE:  # the labelled column of each A row (the designated positives)
+        if LABELS_ON_A:
             if HAS_LABELS:
                 lab_a = tl.load(labels_ptr + rows, mask=row_valid, other=-1).to(tl.int32)
             else:
                 lab_a = rows
+    if HAS_GROUPS:
+        gra = tl.load(gra_ptr + rows, mask=row_valid, other=0)
+    else:
+        gra = 0
+    if HAS_GUIDE:
+        ga_off = rows64 * stride_ga
+        if LABELS_ON_A:
+            thr_a = tl.load(thr_ptr + rows, mask=row_valid, other=0.0)
+    else:
+        ga_off = 0
     if D_SINGLE:
         a = load_rows(A, a_off, row_valid, 0, D, BLOCK_D)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -155,35 +178,42 @@ def _bwd_kernel(
                 gb = tl.load(g_b_ptr + cols, mask=col_valid, other=0.0) * gs
                 lse_b = tl.load(lse_b_ptr + cols, mask=col_valid, other=0.0)
                 g += gb[None, :] * tl.exp2((ss - lse_b[None, :]) * LOG2E)
-            if EXCLUDE_SELF:
-                # a select, not a multiply: exp(S - lse) of a row with nothing kept may be inf·0
-                g = tl.where(rows[:, None] == cols[None, :], 0.0, g)
-            if HAS_GPOS:
+            if HAS_GPOS or HAS_GUIDE:
+                # the designated positives of the tile (in the query × key orientation)
                 if HAS_CLASSES:
-                    hit = ca[:, None] == cb[None, :]
-                    if EXCLUDE_SELF:
-                        hit = hit & (rows[:, None] != cols[None, :])
-                    if LABELS_ON_A:
-                        g += tl.where(hit, gpa[:, None], 0.0)
+                    desig = ca[:, None] == cb[None, :]
+                elif LABELS_ON_A:
+                    desig = lab_a[:, None] == cols[None, :]
+                else:  # A = keys, B = queries: B-row i is positive for A-row l_i
+                    if HAS_LABELS:
+                        lab_b = tl.load(labels_ptr + cols, mask=col_valid, other=-1).to(tl.int32)
                     else:
-                        gpb = tl.load(gpos_ptr + cols, mask=col_valid, other=0.0) * gs
-                        g += tl.where(hit, gpb[None, :], 0.0)
+                        lab_b = cols
+                    desig = rows[:, None] == lab_b[None, :]
+            else:
+                desig = 0
+            if MASKED:
+                if HAS_GUIDE:
+                    if LABELS_ON_A:
+                        thr = thr_a[:, None]
+                    else:  # the thresholds belong to the query rows, here the B rows
+                        thr = tl.load(thr_ptr + cols, mask=col_valid, other=0.0)[None, :]
                 else:
-                    if LABELS_ON_A:
-                        hit = lab_a[:, None] == cols[None, :]
-                    else:  # A = keys, B = queries: B-row i is positive for A-row l_i
-                        if HAS_LABELS:
-                            lab_b = tl.load(labels_ptr + cols, mask=col_valid, other=-1).to(tl.int32)
-                        else:
-                            lab_b = cols
-                        hit = rows[:, None] == lab_b[None, :]
-                    if EXCLUDE_SELF:  # never a positive on the excluded self pair
-                        hit = hit & (rows[:, None] != cols[None, :])
-                    if LABELS_ON_A:
-                        g += tl.where(hit, gpa[:, None], 0.0)
-                    else:
-                        gpb = tl.load(gpos_ptr + cols, mask=col_valid, other=0.0) * gs
-                        g += tl.where(hit, gpb[None, :], 0.0)
+                    thr = 0.0
+                kp = kept_pairs(rows, cols, col_valid, gra, grb_ptr, desig, GA, GB, ga_off, row_valid,
+                                cols64 * stride_gb, thr, DG, EXCLUDE_SELF, HAS_GROUPS, HAS_GUIDE,
+                                BLOCK_M, BLOCK_N, BLOCK_DG, DG_SINGLE)
+                # a select, not a multiply: exp(S - lse) of a row with nothing kept may be inf·0
+                g = tl.where(kp, g, 0.0)
+            if HAS_GPOS:
+                hit = desig
+                if MASKED:  # never a positive on an excluded pair
+                    hit = hit & kp
+                if LABELS_ON_A:
+                    g += tl.where(hit, gpa[:, None], 0.0)
+                else:
+                    gpb = tl.load(gpos_ptr + cols, mask=col_valid, other=0.0) * gs
+                    g += tl.where(hit, gpb[None, :], 0.0)
         # padded rows/columns: exp2 of a padded score may be anything, so zero G explicitly
         g = tl.where(row_valid[:, None] & col_valid[None, :], g, 0.0)
         if EMIT_GSUM:
@@ -284,10 +314,18 @@ def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 def run_backward(query, keys, scale, *, sigmoid: bool, bias=None, labels=None, row_classes=None,
                  col_classes=None, exclude_self=False, diagonal=False, row_lse=None, col_lse=None,
-                 grad_row=None, grad_col=None, grad_pos=None):
-    """The three backward modes for either family; returns (gq, gk) or, for sigmoid, (gq, gk, gsum)."""
+                 grad_row=None, grad_col=None, grad_pos=None, row_groups=None, col_groups=None,
+                 guide_query=None, guide_keys=None, guide_threshold=None):
+    """The three backward modes for either family; returns (gq, gk) or, for sigmoid, (gq, gk, gsum).
+    The masks (groups, guide) belong to the log-sum-exp family only."""
     query, keys, labels, row_classes, col_classes = tu.prepare(query, keys, labels, row_classes,
                                                                 col_classes)
+    row_groups, col_groups, guide_query, guide_keys, guide_threshold = tu.prepare_masks(
+        query, keys, row_groups, col_groups, guide_query, guide_keys, guide_threshold)
+    groups = row_groups is not None
+    guide = guide_query is not None
+    if sigmoid and (groups or guide):
+        raise ValueError("the sigmoid family takes no group or guide masks")
     t = tu.current_tuning()
     N, D = query.shape
     M = keys.shape[0]
@@ -305,6 +343,8 @@ def run_backward(query, keys, scale, *, sigmoid: bool, bias=None, labels=None, r
     dummy = torch.empty((1,), **f32)
     no_ints = torch.empty((1,), dtype=torch.int64, device=dev)
     classes = row_classes is not None
+    DG = guide_query.shape[1] if guide else 0
+    BDG, dg_single = tu.block_dg(DG, t.guide_chunk_d)
     # sigmoid: the row sums of G, written per launch into their rows of one (N,) output; splits > 1
     # go through one flat scratch reused by every launch (grown only when a launch plans more
     # splits × rows), so the extra memory is O(N + split·slab rows) at any slab count
@@ -314,8 +354,8 @@ def run_backward(query, keys, scale, *, sigmoid: bool, bias=None, labels=None, r
     def c(x):
         return dummy if x is None else x.contiguous()
 
-    def launch(A, B, lse_a, g_a, lse_b, g_b, ca, cb, labels_on_a, emit_db, atomic_da_ok,
-               emit_gsum=False, G=None, row_start=0, row_stop=None):
+    def launch(A, B, lse_a, g_a, lse_b, g_b, ca, cb, gra, grb, guide_a, guide_b, labels_on_a,
+               emit_db, atomic_da_ok, emit_gsum=False, G=None, row_start=0, row_stop=None):
         NA, NB = A.shape[0], B.shape[0]
         row_stop = NA if row_stop is None else row_stop
         bm = BM if G is None else t.fwd_block_m  # the G writer is a GEMM + epilogue, like the forward
@@ -344,19 +384,25 @@ def run_backward(query, keys, scale, *, sigmoid: bool, bias=None, labels=None, r
             A, B, scale, gscale if gscale is not None else dummy, c(bias),
             labels if labels is not None else no_ints,
             ca if ca is not None else no_ints, cb if cb is not None else no_ints,
+            gra if groups else no_ints, grb if groups else no_ints,
+            guide_a if guide else dummy, guide_b if guide else dummy,
+            guide_threshold if guide else dummy,
             c(lse_a) if g_a is not None and lse_a is not None else dummy, c(g_a),
             c(lse_b) if g_b is not None and lse_b is not None else dummy, c(g_b),
             c(grad_pos), dA, dB, G if G is not None else dummy, gsum,
             row_stop, NB, D, row_start, cols_per_split, A.stride(0), B.stride(0),
             G.stride(0) if G is not None else 0,
             dA.stride(0) if dA.dim() == 3 else 0, ld_gsum,
+            DG, guide_a.stride(0) if guide else 0, guide_b.stride(0) if guide else 0,
             tu.bucket(NA), tu.bucket(NB),
             BLOCK_M=bm, BLOCK_D=BD if G is None else BD_G, D_SINGLE=d_single if G is None else d_single_g,
             SIGMOID=sigmoid, HAS_GA=g_a is not None, HAS_GB=g_b is not None,
             HAS_GPOS=grad_pos is not None, HAS_LABELS=labels is not None, HAS_CLASSES=classes,
             EXCLUDE_SELF=bool(exclude_self), DIAGONAL=bool(diagonal), LABELS_ON_A=labels_on_a,
             EMIT_DB=emit_db, DA_ATOMIC=da_atomic, STORE_G=G is not None, EMIT_GSUM=emit_gsum,
-            USE_GSCALE=gscale is not None, INPUT_PRECISION=prec, **tu.LAUNCH_OPTS,
+            USE_GSCALE=gscale is not None, HAS_GROUPS=groups, HAS_GUIDE=guide,
+            MASKED=bool(exclude_self) or groups or guide, BLOCK_DG=BDG, DG_SINGLE=dg_single,
+            INPUT_PRECISION=prec, **tu.LAUNCH_OPTS,
         )
         if emit_gsum and split > 1:  # fixed-order sum over the splits (deterministic)
             torch.sum(gsum, 0, out=gsum_out[row_start:row_stop])
@@ -364,10 +410,14 @@ def run_backward(query, keys, scale, *, sigmoid: bool, bias=None, labels=None, r
             dA = dA[0] if dA.shape[0] == 1 else dA.sum(0)
         return dA, dB
 
-    fwd_args = (query, keys, row_lse, grad_row, col_lse, grad_col, row_classes, col_classes)
-    # the transposed launch: A = keys, B = queries, every per-row input swapped
-    bwd_args = ((keys, query, None, None, None, grad_row, col_classes, row_classes) if sigmoid else
-                (keys, query, col_lse, grad_col, row_lse, grad_row, col_classes, row_classes))
+    fwd_args = (query, keys, row_lse, grad_row, col_lse, grad_col, row_classes, col_classes,
+                row_groups, col_groups, guide_query, guide_keys)
+    # the transposed launch: A = keys, B = queries, every per-row input swapped (the guide
+    # thresholds stay with the queries: LABELS_ON_A = False reads them per B row)
+    bwd_args = ((keys, query, None, None, None, grad_row, col_classes, row_classes, None, None,
+                 None, None) if sigmoid else
+                (keys, query, col_lse, grad_col, row_lse, grad_row, col_classes, row_classes,
+                 col_groups, row_groups, guide_keys, guide_query))
     with tu.device_guard(dev):
         if mode == "fused":
             gq, gk = launch(*fwd_args, True, True, True, emit_gsum=sigmoid)
@@ -403,8 +453,12 @@ def lse_bwd(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
             labels: torch.Tensor | None, row_classes: torch.Tensor | None,
             col_classes: torch.Tensor | None, exclude_self: bool, row_lse: torch.Tensor,
             col_lse: torch.Tensor, grad_row: torch.Tensor | None, grad_col: torch.Tensor | None,
-            grad_pos: torch.Tensor | None):
+            grad_pos: torch.Tensor | None, row_groups: torch.Tensor | None = None,
+            col_groups: torch.Tensor | None = None, guide_query: torch.Tensor | None = None,
+            guide_keys: torch.Tensor | None = None, guide_threshold: torch.Tensor | None = None):
     """Gradients of Σ grad_row·row_lse + Σ grad_col·col_lse + Σ grad_pos·pos (module docstring)."""
     return run_backward(query, keys, scale, sigmoid=False, labels=labels, row_classes=row_classes,
                         col_classes=col_classes, exclude_self=exclude_self, row_lse=row_lse,
-                        col_lse=col_lse, grad_row=grad_row, grad_col=grad_col, grad_pos=grad_pos)
+                        col_lse=col_lse, grad_row=grad_row, grad_col=grad_col, grad_pos=grad_pos,
+                        row_groups=row_groups, col_groups=col_groups, guide_query=guide_query,
+                        guide_keys=guide_keys, guide_threshold=guide_threshold)

@@ -1,11 +1,21 @@
 """Triton forward of the log-sum-exp family: row/column LSE and positives of S = s·Q·Kᵀ.
 
-    lse_fwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, compute_col)
-        -> (row_lse, col_lse, pos, pos_count)
+    lse_fwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, compute_col,
+            row_groups=None, col_groups=None, guide_query=None, guide_keys=None,
+            guide_threshold=None) -> (row_lse, col_lse, pos, pos_count)
 
 query (N, D), keys (M, D), scale 0-d float32 (read on the device: no host sync), labels None or
 (N,) int64, row/col_classes None or (N,)/(M,) int64; row_lse/pos (N,), col_lse (M,) or (0,),
 pos_count (N,) with classes else (0,), all float32. 2·N·M·D FLOPs; S is never stored.
+
+Exclusion masks (op contract, csrc/ops.cpp), each a constexpr specialisation, so the plain kernel
+is compiled exactly as without them: the self pair (``EXCLUDE_SELF``); same-group pairs
+(``HAS_GROUPS``: row_groups (N,) / col_groups (M,) int64, read per tile); guided false negatives
+(``HAS_GUIDE``: guide_query (N, Dg) / guide_keys (M, Dg) float32, guide_threshold (N,): a pair
+with ⟨g_q_i, g_k_j⟩ > t_i is excluded unless it is a designated positive — the labelled column, or
+a same-class column). The guide dot is a second, small dot per tile (``tiles.guide_tile``: IEEE
+fp32, a K-loop over Dg only when Dg exceeds one chunk); no N×M mask exists anywhere. An excluded
+pair enters neither statistic nor the positives; a row or column with nothing left gets −inf.
 
 Kernels
 -------
@@ -47,7 +57,7 @@ import triton
 import triton.language as tl
 
 from . import tuning as tu
-from .tiles import LOG2E, load_rows, safe_max, scaled_tile
+from .tiles import LOG2E, kept_pairs, load_rows, safe_max, scaled_tile
 
 _NEG_INF_BITS_U32 = tl.constexpr(0xFF800000)  # float32 -inf bits, for the packed column words
 _NEG_INF_BITS = -8388608  # int32 bit pattern of float32 -inf (0xFF800000), host-side decode
@@ -94,21 +104,26 @@ def _col_cas_merge(packed_ptr, cols, col_valid, cm, cl):
 # in shared memory there). The autotuner adds the tensors' dtypes itself.
 @triton.autotune(configs=tu.fwd_configs(),
                  key=["D", "N_KEY", "M_KEY", "BLOCK_M", "BLOCK_D", "D_SINGLE", "COMPUTE_COL", "COL_ATOMIC",
-                      "HAS_CLASSES", "EXCLUDE_SELF", "INPUT_PRECISION"],
+                      "HAS_CLASSES", "EXCLUDE_SELF", "HAS_GROUPS", "HAS_GUIDE", "BLOCK_DG", "DG_SINGLE",
+                      "INPUT_PRECISION"],
                  reset_to_zero=["col_packed_ptr"], prune_configs_by={"early_config_prune": tu.prune_fwd_by_smem})
 @triton.jit
 def _lse_fwd_kernel(
     Q, K, scale_ptr, labels_ptr, rclass_ptr, cclass_ptr,
+    rgroup_ptr, cgroup_ptr,    # (N,) / (M,) int64 groups [HAS_GROUPS]
+    GQ, GK, thr_ptr,           # (N, DG) / (M, DG) float32 guides, (N,) thresholds [HAS_GUIDE]
     row_m_ptr, row_l_ptr,      # (SPLIT, N) float32 partial row (max, sum): lse = max + log(sum)
     col_m_ptr, col_l_ptr,      # (row blocks of this launch, M) partial column (max, sum)
     col_packed_ptr,            # (M,) int64 packed running column (max, sum) [COL_ATOMIC]
     pos_ptr, cnt_ptr,          # (SPLIT, N) float32 partial positives (sum) and counts [HAS_CLASSES]
     N, M, D, row_start, cols_per_split, stride_q, stride_k,
+    DG, stride_gq, stride_gk,
     N_KEY, M_KEY,              # autotune size buckets only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     D_SINGLE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CLASSES: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr, COMPUTE_COL: tl.constexpr, COL_ATOMIC: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    HAS_GROUPS: tl.constexpr, HAS_GUIDE: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_DG: tl.constexpr, DG_SINGLE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -134,6 +149,16 @@ def _lse_fwd_kernel(
         lab_lo = tl.min(tl.where(row_valid, lab, M), axis=0)
         lab_hi = tl.max(tl.where(row_valid, lab, -1), axis=0) + 1
     pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if HAS_GROUPS:
+        rg = tl.load(rgroup_ptr + rows, mask=row_valid, other=0)
+    else:
+        rg = 0
+    if HAS_GUIDE:
+        gq_off = rows.to(tl.int64) * stride_gq
+        thr = tl.load(thr_ptr + rows, mask=row_valid, other=0.0)[:, None]
+    else:
+        gq_off = 0
+        thr = 0.0
 
     col_lo = pid_s * cols_per_split  # cols_per_split is a multiple of every BLOCK_N
     col_hi = tl.minimum(col_lo + cols_per_split, M)
@@ -147,21 +172,34 @@ def _lse_fwd_kernel(
         ss, cols, col_valid, _, _ = scaled_tile(Q, K, q, q_off, row_valid, n0, col_hi, stride_k,
                                                 scale, D, BLOCK_M, BLOCK_N, BLOCK_D, D_SINGLE,
                                                 INPUT_PRECISION)
-        keep = col_valid[None, :]
-        if EXCLUDE_SELF:
-            keep = keep & (rows[:, None] != cols[None, :])
+        if HAS_CLASSES:
+            cc = tl.load(cclass_ptr + cols, mask=col_valid, other=0)
+            same = rc[:, None] == cc[None, :]
+        if MASKED:
+            if HAS_GUIDE:  # the designated positives, which the guide never excludes
+                if HAS_CLASSES:
+                    desig = same
+                else:
+                    desig = lab[:, None] == cols[None, :]
+            else:
+                desig = 0
+            kp = kept_pairs(rows, cols, col_valid, rg, cgroup_ptr, desig, GQ, GK, gq_off, row_valid,
+                            cols.to(tl.int64) * stride_gk, thr, DG, EXCLUDE_SELF, HAS_GROUPS,
+                            HAS_GUIDE, BLOCK_M, BLOCK_N, BLOCK_DG, DG_SINGLE)
+            keep = col_valid[None, :] & kp
+        else:
+            keep = col_valid[None, :]
         s_r = tl.where(keep, ss, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s_r, axis=1))
-        # online row max: the rescale of the running sum is exactly 0 on the first tile; with the
-        # self pair excluded a row may have seen nothing yet (max -inf): shift by 0 there
-        shift = safe_max(m_new) if EXCLUDE_SELF else m_new
+        # online row max: the rescale of the running sum is exactly 0 on the first tile; with
+        # excluded pairs a row may have seen nothing yet (max -inf): shift by 0 there
+        shift = safe_max(m_new) if MASKED else m_new
         p = tl.exp2((s_r - shift[:, None]) * LOG2E)
         l_i = l_i * tl.exp2((m_i - shift) * LOG2E) + tl.sum(p, axis=1)
         m_i = m_new
         # positives from the very elements the LSE saw: row_lse - pos >= 0 in floating point
         if HAS_CLASSES:
-            cc = tl.load(cclass_ptr + cols, mask=col_valid, other=0)
-            hit = keep & (rc[:, None] == cc[None, :])
+            hit = keep & same
             cnt += tl.sum(hit.to(tl.float32), axis=1)
             pos += tl.sum(tl.where(hit, ss, 0.0), axis=1)
         elif (n0 < lab_hi) & (n0 + BLOCK_N > lab_lo):
@@ -169,12 +207,13 @@ def _lse_fwd_kernel(
             pos += tl.sum(tl.where(hit, ss, 0.0), axis=1)
         if COMPUTE_COL:
             # column statistic of this tile over this block's rows: the second exp per element
-            ckeep = row_valid[:, None]
-            if EXCLUDE_SELF:
-                ckeep = ckeep & (rows[:, None] != cols[None, :])
+            if MASKED:
+                ckeep = row_valid[:, None] & kp
+            else:
+                ckeep = row_valid[:, None]
             s_c = tl.where(ckeep, ss, float("-inf"))
             cm = tl.max(s_c, axis=0)
-            cshift = safe_max(cm) if EXCLUDE_SELF else cm
+            cshift = safe_max(cm) if MASKED else cm
             cl = tl.sum(tl.exp2((s_c - cshift[None, :]) * LOG2E), axis=0)
             if COL_ATOMIC:
                 _col_cas_merge(col_packed_ptr, cols, col_valid, cm, cl)
@@ -230,10 +269,17 @@ def _decode_packed(packed: torch.Tensor) -> torch.Tensor:
 
 def lse_fwd(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
             labels: torch.Tensor | None, row_classes: torch.Tensor | None,
-            col_classes: torch.Tensor | None, exclude_self: bool, compute_col: bool):
+            col_classes: torch.Tensor | None, exclude_self: bool, compute_col: bool,
+            row_groups: torch.Tensor | None = None, col_groups: torch.Tensor | None = None,
+            guide_query: torch.Tensor | None = None, guide_keys: torch.Tensor | None = None,
+            guide_threshold: torch.Tensor | None = None):
     """Row/column log-sum-exp and positives of S = scale·query·keysᵀ (module docstring)."""
     query, keys, labels, row_classes, col_classes = tu.prepare(query, keys, labels, row_classes,
                                                                 col_classes)
+    row_groups, col_groups, guide_query, guide_keys, guide_threshold = tu.prepare_masks(
+        query, keys, row_groups, col_groups, guide_query, guide_keys, guide_threshold)
+    groups = row_groups is not None
+    guide = guide_query is not None
     t = tu.current_tuning()
     N, D = query.shape
     M = keys.shape[0]
@@ -245,6 +291,8 @@ def lse_fwd(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
     split, cols_per_split = tu.plan_split(row_blocks, M, dev, t.split)
     det = tu.deterministic(t)
     classes = row_classes is not None
+    DG = guide_query.shape[1] if guide else 0
+    BDG, dg_single = tu.block_dg(DG, t.guide_chunk_d)
 
     mode = "none"
     if compute_col:
@@ -282,12 +330,18 @@ def lse_fwd(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
             _lse_fwd_kernel[(nrb, split)](
                 query, keys, scale, labels if labels is not None else no_ints,
                 row_classes if classes else no_ints, col_classes if classes else no_ints,
+                row_groups if groups else no_ints, col_groups if groups else no_ints,
+                guide_query if guide else dummy, guide_keys if guide else dummy,
+                guide_threshold if guide else dummy,
                 row_m, row_l, col_m, col_l, packed, pos_part, cnt_part,
                 N, M, D, rb0 * BM, cols_per_split, query.stride(0), keys.stride(0),
+                DG, guide_query.stride(0) if guide else 0, guide_keys.stride(0) if guide else 0,
                 tu.bucket(N), tu.bucket(M),
                 BLOCK_M=BM, BLOCK_D=BD, D_SINGLE=d_single, HAS_LABELS=labels is not None,
                 HAS_CLASSES=classes, EXCLUDE_SELF=bool(exclude_self),
-                COMPUTE_COL=mode != "none", COL_ATOMIC=mode == "atomic", INPUT_PRECISION=prec,
+                COMPUTE_COL=mode != "none", COL_ATOMIC=mode == "atomic",
+                HAS_GROUPS=groups, HAS_GUIDE=guide, MASKED=bool(exclude_self) or groups or guide,
+                BLOCK_DG=BDG, DG_SINGLE=dg_single, INPUT_PRECISION=prec,
                 **tu.LAUNCH_OPTS,
             )
             if mode == "partial":

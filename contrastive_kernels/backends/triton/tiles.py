@@ -60,6 +60,54 @@ def scaled_tile(A, B, a, a_off, a_valid, n0, col_hi, stride_b, scale, D,
 
 
 @triton.jit
+def guide_tile(GA, GB, ga_off, a_valid, b_off, b_valid, DG,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DG: tl.constexpr,
+               DG_SINGLE: tl.constexpr):
+    """The guide similarities ⟨ga_i, gb_j⟩ of a tile (BLOCK_M, BLOCK_N), float32 in full IEEE
+    precision (``input_precision="ieee"``: FFMA, never TF32, because they are compared with a strict
+    ``>`` against a threshold; the k order is the same in every orientation and chunking, so the
+    forward, the fused/gemm backward and the transposed two-pass launch see the same bits on the
+    GPU). ``ga_off``/``b_off``: row offsets (int64, elements) into the float32 guides. One dot when
+    Dg fits one chunk (``DG_SINGLE``), else a small K-loop; nothing N×M is ever stored."""
+    if DG_SINGLE:
+        ga = load_rows(GA, ga_off, a_valid, 0, DG, BLOCK_DG)
+        gb = load_rows(GB, b_off, b_valid, 0, DG, BLOCK_DG)
+        sim = tl.dot(ga, tl.trans(gb), input_precision="ieee")
+    else:
+        sim = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for d0 in range(0, DG, BLOCK_DG):
+            ga = load_rows(GA, ga_off, a_valid, d0, DG, BLOCK_DG)
+            gb = load_rows(GB, b_off, b_valid, d0, DG, BLOCK_DG)
+            sim = tl.dot(ga, tl.trans(gb), sim, input_precision="ieee")
+    return sim
+
+
+@triton.jit
+def kept_pairs(rows, cols, b_valid, ga_grp, gb_grp_ptr, designated, GA, GB, ga_off, a_valid,
+               b_off, thr, DG, EXCLUDE_SELF: tl.constexpr, HAS_GROUPS: tl.constexpr,
+               HAS_GUIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_DG: tl.constexpr, DG_SINGLE: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: the pairs of the tile that are *not* excluded (op contract): the
+    self pair under ``EXCLUDE_SELF``; same-group pairs under ``HAS_GROUPS`` (``ga_grp``: groups of
+    the A rows, ``gb_grp_ptr``: groups of the B rows, loaded here); under ``HAS_GUIDE`` the pairs
+    whose guide similarity is > ``thr`` (broadcastable: (BLOCK_M, 1) when the thresholds belong to
+    the A rows, (1, BLOCK_N) in the transposed launch) unless ``designated``. Validity of padded
+    rows/columns is the caller's business (a padded element needs a different value per statistic).
+    """
+    kp = tl.full((BLOCK_M, BLOCK_N), 1, tl.int1)
+    if EXCLUDE_SELF:
+        kp = kp & (rows[:, None] != cols[None, :])
+    if HAS_GROUPS:
+        gb_grp = tl.load(gb_grp_ptr + cols, mask=b_valid, other=0)
+        kp = kp & (ga_grp[:, None] != gb_grp[None, :])
+    if HAS_GUIDE:
+        sim = guide_tile(GA, GB, ga_off, a_valid, b_off, b_valid, DG, BLOCK_M, BLOCK_N, BLOCK_DG,
+                         DG_SINGLE)
+        kp = kp & (designated | ~(sim > thr))
+    return kp
+
+
+@triton.jit
 def safe_max(m):
     """``m`` with −inf replaced by 0: the shift of an online log-sum-exp whose elements are all
     excluded, so that ``exp2((x − shift)·log2e)`` gives 0 for x = −inf instead of NaN."""

@@ -36,6 +36,11 @@ class Tuning:
     fwd_max_single_d: int = 128   # D up to this: Q block resident in registers (D_SINGLE)
     bwd_max_single_d: int = 128   # ... and the dQ accumulator too
     chunk_d: int = 64             # D chunk of the GEMM main loop when not D_SINGLE
+    # Dg chunk of the guide dot (one dot, no inner loop, while Dg fits). Offline sm_90 compile of
+    # the masked bf16 forward at D = 128, Dg = 64 (tools/triton_offline_compile.py, triton 3.9):
+    # one 64-wide fp32 FFMA dot spills 4272 B at BLOCK_M = 128 (and the larger configs exceed the
+    # shared memory); 16-wide chunks in a K-loop spill 528 B (as the unmasked SupCon kernel: 552 B)
+    guide_chunk_d: int = 16
     split: int = 0                # column splits; 0 = heuristic (fill the SMs twice over)
     col_reduce: str = "auto"      # auto | partial | atomic
     bwd_mode: str = "auto"        # auto | fused | two_pass | gemm
@@ -49,14 +54,15 @@ class Tuning:
 _INT_KNOBS = (("CK_TRITON_FWD_BLOCK_M", "fwd_block_m"), ("CK_TRITON_BWD_BLOCK_M", "bwd_block_m"),
               ("CK_TRITON_FWD_MAX_SINGLE_D", "fwd_max_single_d"),
               ("CK_TRITON_BWD_MAX_SINGLE_D", "bwd_max_single_d"),
-              ("CK_TRITON_CHUNK_D", "chunk_d"), ("CK_TRITON_SPLIT", "split"))
+              ("CK_TRITON_CHUNK_D", "chunk_d"), ("CK_TRITON_GUIDE_CHUNK_D", "guide_chunk_d"),
+              ("CK_TRITON_SPLIT", "split"))
 
 
 def _env_tuning() -> Tuning:
     t = Tuning()
     if interpreting():  # small tiles: the interpreter runs each program in numpy
         t = replace(t, fwd_block_m=32, bwd_block_m=32, fwd_max_single_d=256, bwd_max_single_d=256,
-                    chunk_d=32)
+                    chunk_d=32, guide_chunk_d=32)
     env = os.environ
     kw = {}
     for name, field in _INT_KNOBS:
@@ -99,7 +105,7 @@ def current_tuning() -> Tuning:
         raise ValueError(f"col_reduce must be auto|partial|atomic, got {t.col_reduce!r}")
     if t.bwd_mode not in ("auto", "fused", "two_pass", "gemm"):
         raise ValueError(f"bwd_mode must be auto|fused|two_pass|gemm, got {t.bwd_mode!r}")
-    for f in ("fwd_block_m", "bwd_block_m", "chunk_d"):
+    for f in ("fwd_block_m", "bwd_block_m", "chunk_d", "guide_chunk_d"):
         v = getattr(t, f)
         if v < 16 or v & (v - 1):
             raise ValueError(f"{f} must be a power of two >= 16, got {v}")
@@ -132,7 +138,8 @@ def describe() -> str:
     """One line of the host choices in force (for benchmark logs)."""
     t = current_tuning()
     return (f"fwd BLOCK_M={t.fwd_block_m} bwd BLOCK_M={t.bwd_block_m} single-D<= "
-            f"{t.fwd_max_single_d}/{t.bwd_max_single_d} chunk_d={t.chunk_d} col_reduce={t.col_reduce} "
+            f"{t.fwd_max_single_d}/{t.bwd_max_single_d} chunk_d={t.chunk_d} "
+            f"guide_chunk_d={t.guide_chunk_d} col_reduce={t.col_reduce} "
             f"bwd={t.bwd_mode} deterministic={deterministic(t)} partial_budget={t.partial_budget_bytes >> 20}MiB")
 
 
@@ -194,7 +201,8 @@ def num_sms(device: torch.device) -> int:
     return props.multi_processor_count if props is not None else 0
 
 
-def smem_estimate(cfg, elem: int, block_m: int, block_d: int, d_single: bool) -> int:
+def smem_estimate(cfg, elem: int, block_m: int, block_d: int, d_single: bool,
+                  block_dg: int = 0) -> int:
     """Shared memory of the forward's pipelined tile loop: num_stages buffers of the swept key
     tile (BLOCK_N × BLOCK_D, plus the BLOCK_M × BLOCK_D query chunk when D is chunked, since both
     are re-loaded per chunk) and, with D resident, one copy of the query block.
@@ -205,11 +213,15 @@ def smem_estimate(cfg, elem: int, block_m: int, block_d: int, d_single: bool) ->
     "ieee" dots). E.g. fp32, D = 128 resident, BLOCK_N = 128, 3 stages: 262144 estimated, 262656
     compiled, over the H100's 227 KiB. The backward is not modelled (its two dot stages keep G and
     the operands of the second MMA in shared memory too); its largest compiled config uses 192 KiB.
+
+    ``block_dg`` > 0 (the guide mask): the float32 guide chunks of both sides (BLOCK_DG ×
+    (BLOCK_N + BLOCK_M)) counted as pipelined too, an upper bound (a conservative prune).
     """
     bn = cfg.kwargs["BLOCK_N"]
     per_stage = block_d * (bn + (0 if d_single else block_m))
     resident = block_m * block_d if d_single else 0
-    return elem * (cfg.num_stages * per_stage + resident)
+    guide = cfg.num_stages * block_dg * (bn + block_m) * 4
+    return elem * (cfg.num_stages * per_stage + resident) + guide
 
 
 def prune_fwd_by_smem(configs, named_args, **kwargs):
@@ -218,7 +230,9 @@ def prune_fwd_by_smem(configs, named_args, **kwargs):
     GPU session pays for); keep the smallest when none fits, so the launch error names the problem."""
     q = named_args["Q"]
     limit = smem_limit(q.device)
-    est = [(smem_estimate(c, q.element_size(), kwargs["BLOCK_M"], kwargs["BLOCK_D"], kwargs["D_SINGLE"]), i)
+    bdg = kwargs["BLOCK_DG"] if kwargs.get("HAS_GUIDE", False) else 0
+    est = [(smem_estimate(c, q.element_size(), kwargs["BLOCK_M"], kwargs["BLOCK_D"], kwargs["D_SINGLE"],
+                          bdg), i)
            for i, c in enumerate(configs)]
     keep = [configs[i] for e, i in est if e <= limit]
     return keep or [configs[min(est)[1]]]
@@ -252,6 +266,15 @@ def plan_split(row_blocks: int, ncols: int, device: torch.device, forced: int) -
     cols_per_split = -(-cols_per_split // SPLIT_ALIGN) * SPLIT_ALIGN
     split = -(-ncols // cols_per_split)  # no empty split
     return split, cols_per_split
+
+
+def block_dg(Dg: int, chunk: int) -> tuple[int, bool]:
+    """(BLOCK_DG, DG_SINGLE) of the guide dot: the whole padded guide row when it fits in one
+    chunk (one dot per tile, no inner loop to stop the column loop's pipelining), else chunks."""
+    bd = max(16, triton.next_power_of_2(max(Dg, 1)))
+    if bd <= chunk:
+        return bd, True
+    return max(16, chunk), False
 
 
 def block_d(D: int, max_single: int, chunk: int) -> tuple[int, bool]:
@@ -306,6 +329,35 @@ def prepare(query, keys, *vectors):
     out = [query.contiguous(), keys.contiguous()]
     out += [None if v is None else v.contiguous() for v in vectors]
     return tuple(out)
+
+
+def prepare_masks(query, keys, row_groups, col_groups, guide_query, guide_keys, guide_threshold):
+    """The optional exclusion masks of the log-sum-exp family, checked and contiguous:
+    ``(row_groups, col_groups, guide_query, guide_keys, guide_threshold)``. Groups are int64 and
+    come both or neither; the guide comes all three or none, float32 (the statistic dtype; the
+    front door already converts, this only guards direct callers), Dg equal on both sides."""
+    if (row_groups is None) != (col_groups is None):
+        raise ValueError("row_groups and col_groups come together (both or neither)")
+    guide = (guide_query, guide_keys, guide_threshold)
+    if any(g is None for g in guide) and any(g is not None for g in guide):
+        raise ValueError("guide_query, guide_keys and guide_threshold come together (all or none)")
+    N, M = query.shape[0], keys.shape[0]
+    if row_groups is not None:
+        if row_groups.shape != (N,) or col_groups.shape != (M,):
+            raise ValueError(f"row_groups/col_groups must be ({N},)/({M},), got "
+                             f"{tuple(row_groups.shape)}/{tuple(col_groups.shape)}")
+        row_groups = row_groups.to(device=query.device, dtype=torch.int64).contiguous()
+        col_groups = col_groups.to(device=query.device, dtype=torch.int64).contiguous()
+    if guide_query is not None:
+        if (guide_query.dim() != 2 or guide_keys.dim() != 2 or guide_query.shape[0] != N
+                or guide_keys.shape[0] != M or guide_query.shape[1] != guide_keys.shape[1]
+                or guide_threshold.shape != (N,)):
+            raise ValueError(f"guide_query (N, Dg), guide_keys (M, Dg), guide_threshold (N,) expected "
+                             f"for N={N}, M={M}; got {tuple(guide_query.shape)}, "
+                             f"{tuple(guide_keys.shape)}, {tuple(guide_threshold.shape)}")
+        guide_query, guide_keys, guide_threshold = (
+            g.to(device=query.device, dtype=torch.float32).contiguous() for g in guide)
+    return row_groups, col_groups, guide_query, guide_keys, guide_threshold
 
 
 @contextlib.contextmanager
