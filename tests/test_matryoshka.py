@@ -176,3 +176,15 @@ def test_bad_dims_and_weights(dims, weights, error, match):
         ck.info_nce(a, b, 5.0, matryoshka_weights=(1.0,))
     with pytest.raises(TypeError, match="bool"):
         ck.info_nce(a, b, 5.0, matryoshka_dims=(2,), matryoshka_normalize=1)
+
+
+def test_bench_providers_time_the_same_loss():
+    # `bench matryoshka` times the fused loss, separate ck losses and dense losses: the same value
+    from contrastive_kernels.bench.matryoshka import _SETUP
+
+    values = {}
+    for provider in ("ck.chunked", "ck.separate", "dense"):
+        scope: dict = {}
+        exec(_SETUP.format(provider=provider, n=40, d=24, dims=(4, 12, 24)), scope)
+        values[provider] = scope["run"](40)
+    assert max(values.values()) - min(values.values()) <= 1e-5 * abs(values["dense"]), values

@@ -80,9 +80,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from .. import _memprobe
     from .plot import plot_csv
-    from .schema import CsvSink, base_facts, device_name, loadavg
+    from .probe_rows import measure_row
+    from .schema import CsvSink, device_name
 
     dev = torch.device("cpu")
     providers = args.providers.split(",")
@@ -97,18 +97,9 @@ def main(argv=None) -> int:
     for key, prov, n, d, dims in jobs:
         row = dict(config="matryoshka", op="matryoshka_clip", provider=prov,
                    ours=prov.startswith("ck."), mode="fwd_bwd", dtype="float32", n=n, m=n, d=d)
-        try:
-            out = _memprobe.peak_extra_bytes(
-                _CODE.format(n=n, repeats=1 if n > 16384 else args.repeats),
-                setup=_SETUP.format(provider=prov, n=n, d=d, dims=dims), warmup="run(64)",
-                timeout=args.timeout)
-            ms = out["result"]["ms"]
-            row.update(ms_p50=ms[len(ms) // 2], ms_p20=ms[0], ms_p80=ms[-1], repeats=len(ms),
-                       peak_mem_mb=out["extra_bytes"] / 2 ** 20,
-                       note=f"dims {list(dims)}; loss {out['result']['loss']:.5f}")
-        except Exception as exc:  # noqa: BLE001 - recorded in the row, the run goes on
-            row["note"] = f"dims {list(dims)}; error: {str(exc).splitlines()[-1][:200]}"
-        row.update(base_facts(dev, "perf_counter"), loadavg=loadavg())
+        measure_row(row, setup=_SETUP.format(provider=prov, n=n, d=d, dims=dims),
+                    code=_CODE.format(n=n, repeats=1 if n > 16384 else args.repeats),
+                    note=f"dims {list(dims)}", timeout=args.timeout)
         sinks[key].write(row)
         rows.append(row)
         print(f"N={n:>6} D={d:>4} {prov:<12} {row.get('ms_p50') or 0:>10.1f} ms "

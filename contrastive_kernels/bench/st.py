@@ -181,12 +181,6 @@ def step_closure(provider: str, b: int, mini_batch: int, workdir: str):
     return run
 
 
-def _measure(setup: str, code: str, timeout: float) -> dict:
-    from .. import _memprobe
-
-    return _memprobe.peak_extra_bytes(code, setup=setup, warmup="run(64)", timeout=timeout)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="contrastive-kernels bench st",
                                 description=__doc__.split("\n\n")[0],
@@ -223,7 +217,8 @@ def main(argv=None) -> int:
     import torch
 
     from .plot import plot_csv
-    from .schema import CsvSink, base_facts, device_name, loadavg
+    from .probe_rows import measure_row
+    from .schema import CsvSink, device_name
 
     dev = torch.device("cpu")
     providers = ["sentence_transformers", f"ck.{args.backend}"]
@@ -254,15 +249,7 @@ def main(argv=None) -> int:
                 d = args.d
             row = dict(config="st", op=op, provider=provider, ours=provider.startswith("ck."),
                        mode="fwd_bwd", dtype="float32", n=n, m=n * (args.columns - 1), d=d)
-            try:
-                out = _measure(setup, code, args.timeout)
-                ms = out["result"]["ms"]
-                row.update(ms_p50=ms[len(ms) // 2], ms_p20=ms[0], ms_p80=ms[-1], repeats=len(ms),
-                           peak_mem_mb=out["extra_bytes"] / 2 ** 20,
-                           note=f"{note}; loss {out['result']['loss']:.5f}")
-            except Exception as exc:  # noqa: BLE001 - recorded in the row, the run goes on
-                row["note"] = f"error: {str(exc).splitlines()[-1][:200]}"
-            row.update(base_facts(dev, "perf_counter"), loadavg=loadavg())
+            measure_row(row, setup=setup, code=code, note=note, timeout=args.timeout)
             sinks[op].write(row)
             rows.append(row)
             print(f"{op:<15} N={n:>6} {provider:<22} {row.get('ms_p50') or 0:>10.1f} ms "

@@ -1,0 +1,29 @@
+"""One measured CSV row from a fresh process: the step shared by the benchmarks that time a whole
+snippet with the memory probe (``bench st``, ``bench matryoshka``).
+
+The snippet's ``code`` must set ``result = {"ms": sorted call times, "loss": value}``; the row
+gets the median / fastest / slowest times, the repeats, the peak memory beyond the setup and the
+warm-up, the loss in its note, and the per-run facts of the CSV schema. A failed measurement is
+recorded in the row's note and the run goes on.
+"""
+from __future__ import annotations
+
+
+def measure_row(row: dict, *, setup: str, code: str, note: str, timeout: float,
+                warmup: str = "run(64)") -> dict:
+    """Fill ``row`` (a dict of schema columns) from one probe run and return it."""
+    import torch
+
+    from .. import _memprobe
+    from .schema import base_facts, loadavg
+
+    try:
+        out = _memprobe.peak_extra_bytes(code, setup=setup, warmup=warmup, timeout=timeout)
+        ms = out["result"]["ms"]
+        row.update(ms_p50=ms[len(ms) // 2], ms_p20=ms[0], ms_p80=ms[-1], repeats=len(ms),
+                   peak_mem_mb=out["extra_bytes"] / 2 ** 20,
+                   note=f"{note}; loss {out['result']['loss']:.5f}")
+    except Exception as exc:  # noqa: BLE001 - recorded in the row, the run goes on
+        row["note"] = f"{note}; error: {str(exc).splitlines()[-1][:200]}"
+    row.update(base_facts(torch.device("cpu"), "perf_counter"), loadavg=loadavg())
+    return row
