@@ -44,7 +44,7 @@ KIT_ORDER=(env build tests_cuda tests_families tests_large headline huge_triton 
 # pytest selections (after -m gpu). Files are named in the order they should run: pytest keeps the
 # command line's file order (a directory argument would sort them).
 SEL_tests_cuda=(tests/test_cuda.py -k "not triton")
-SEL_tests_families=(tests/test_no_host_sync.py tests/test_triton.py tests/test_cuda.py
+SEL_tests_families=(tests/test_no_host_sync.py tests/test_triton.py tests/test_gpu_features.py tests/test_cuda.py
                     --deselect tests/test_triton.py::test_gpu_large -k "not test_cuda or triton")
 SEL_tests_large=(tests/test_triton.py -k "test_gpu_large")
 
