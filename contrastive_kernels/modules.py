@@ -26,11 +26,11 @@ class _Matryoshka:
         return dict(matryoshka_dims=self.matryoshka_dims, matryoshka_weights=self.matryoshka_weights,
                     matryoshka_normalize=self.matryoshka_normalize)
 
-    def _single_process_only(self, world_size: int) -> None:
+    def _no_distributed_matryoshka(self, world_size: int, how: str) -> None:
         if self.matryoshka_dims is not None and world_size > 1:
             raise NotImplementedError(
-                f"{type(self).__name__}: Matryoshka dims with world_size > 1 are not implemented "
-                "yet; compute the loss on gathered features with world_size=1")
+                f"{type(self).__name__}: Matryoshka dims with world_size > 1 {how} are not "
+                "implemented yet")
 
 
 class InfoNCELoss(_Matryoshka, nn.Module):
@@ -90,7 +90,8 @@ class ClipLoss(_Matryoshka, nn.Module):
                  matryoshka_dims=None, matryoshka_weights=None, matryoshka_normalize: bool = True):
         super().__init__()
         self._set_matryoshka(matryoshka_dims, matryoshka_weights, matryoshka_normalize)
-        self._single_process_only(world_size)
+        if ring:
+            self._no_distributed_matryoshka(world_size, "and ring=True (use the gather path)")
         if use_horovod:
             raise NotImplementedError("ClipLoss(use_horovod=True) is not supported; use "
                                       "torch.distributed")
@@ -141,7 +142,7 @@ class ClipLoss(_Matryoshka, nn.Module):
                     image_features, text_features, logit_scale, logit_bias,
                     local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
                     rank=self.rank, world_size=self.world_size, labels=labels,
-                    backend=self.backend)
+                    backend=self.backend, **self._mrl())
         return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -220,7 +221,7 @@ class SigLipLoss(_Matryoshka, nn.Module):
                  matryoshka_weights=None, matryoshka_normalize: bool = True):
         super().__init__()
         self._set_matryoshka(matryoshka_dims, matryoshka_weights, matryoshka_normalize)
-        self._single_process_only(world_size)
+        self._no_distributed_matryoshka(world_size, "(the SigLIP ring)")
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a positive int, got {world_size!r}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:

@@ -125,6 +125,20 @@ def _check_open_clip_parity(rank, w, oc):
         # A second call hits the label cache.
         again = _run(ck.ClipLoss(**kw, cache_labels=True, backend="reference"), img, txt, scale)
         _close(again[0], ref[0], f"{tag}: reference backend loss")
+        _check_matryoshka_gathered(tag, kw, img, txt, scale)
+
+
+def _check_matryoshka_gathered(tag, kw, img, txt, scale):
+    # every prefix from one sweep on the gathered features = the sum over prefixes of the
+    # distributed ClipLoss (checked above against open_clip) on normalised prefixes, per rank
+    dims, weights = (3, 7), (2.0, 0.5)
+    unit = lambda x, d: torch.nn.functional.normalize(x[:, :d], dim=1)  # noqa: E731
+    fused = _run(ck.ClipLoss(**kw, backend="chunked", matryoshka_dims=dims,
+                             matryoshka_weights=weights), img, txt, scale)
+    loop = _run(lambda i, t, s: sum(w * ck.ClipLoss(**kw, backend="chunked")(unit(i, d), unit(t, d), s)
+                                    for d, w in zip(dims, weights)), img, txt, scale)
+    for name, a, b in zip(("loss", "grad image", "grad text", "grad logit_scale"), fused, loop):
+        _close(a, b, f"{tag} Matryoshka vs the per-prefix loop: {name}")
 
 
 def _check_ring_equals_gather(rank, w):

@@ -47,12 +47,14 @@ def gathered_clip_loss(image_features: Tensor, text_features: Tensor, logit_scal
                        logit_bias=None, *, local_loss: bool = False,
                        gather_with_grad: bool = False, rank: int = 0, world_size: int = 1,
                        labels: Optional[Tensor] = None, backend: str = "auto",
-                       group=None) -> Tensor:
+                       group=None, **matryoshka) -> Tensor:
     """open_clip's distributed ``ClipLoss`` computed by the fused ops (no N×M logits).
 
     Args:
         image_features, text_features: (N, D) local rows; every rank must hold the same N.
         labels: optional precomputed ``arange(N) + rank·N`` for ``local_loss`` (label caching).
+        matryoshka: ``matryoshka_dims`` / ``matryoshka_weights`` / ``matryoshka_normalize``,
+            passed to the losses on the gathered features (every prefix from one sweep).
     Returns:
         ``local_loss=False``: the global CLIP loss over all W·N pairs (same value on every rank).
         ``local_loss=True``: ``½(InfoNCE(I_r → T) + InfoNCE(T_r → I))`` with labels offset by
@@ -63,10 +65,13 @@ def gathered_clip_loss(image_features: Tensor, text_features: Tensor, logit_scal
     all_i, all_t = gather_features(image_features, text_features, local_loss, gather_with_grad,
                                    rank, world_size, group=group)
     if not local_loss:
-        return functional.clip_loss(all_i, all_t, logit_scale, logit_bias, backend=backend)
+        return functional.clip_loss(all_i, all_t, logit_scale, logit_bias, backend=backend,
+                                    **matryoshka)
     n = image_features.shape[0]
     if labels is None:
         labels = torch.arange(n, device=image_features.device, dtype=torch.int64) + n * rank
-    loss = 0.5 * (functional.info_nce(image_features, all_t, logit_scale, labels, backend=backend)
-                  + functional.info_nce(text_features, all_i, logit_scale, labels, backend=backend))
+    loss = 0.5 * (functional.info_nce(image_features, all_t, logit_scale, labels, backend=backend,
+                                      **matryoshka)
+                  + functional.info_nce(text_features, all_i, logit_scale, labels, backend=backend,
+                                        **matryoshka))
     return _checks.zero_gradient_term(loss, logit_bias)
