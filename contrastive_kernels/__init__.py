@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 from . import reference
 from ._checks import set_device_value_checks
 from .backends import BACKEND_CHOICES, availability
-from .functional import clip_loss, info_nce, lse_stats, nt_xent_loss, siglip_loss, supcon_loss
+from .functional import (clip_loss, distill_clip_loss, info_nce, lse_stats, nt_xent_loss, siglip_loss,
+                         supcon_loss)
 from .gamma import GammaContrastiveLoss, gamma_contrastive_loss
 from .grad_cache import GradCache
 from .modality import (
@@ -26,7 +27,8 @@ from .modality import (
     modality_contrastive_loss,
     uniformity_loss,
 )
-from .modules import ClipLoss, InfoNCELoss, NTXentLoss, SigLipLoss, SupConLoss
+from .modules import (ClipLoss, CoCaLoss, DistillClipLoss, InfoNCELoss, NTXentLoss, SigLipLoss,
+                      SupConLoss)
 from . import distributed
 from .distributed import DistributedGammaContrastiveLoss, RingClipLoss, ring_lse_stats
 
@@ -42,7 +44,10 @@ __all__ = [
     "nt_xent_loss",
     "supcon_loss",
     "siglip_loss",
+    "distill_clip_loss",
     "ClipLoss",
+    "DistillClipLoss",
+    "CoCaLoss",
     "InfoNCELoss",
     "NTXentLoss",
     "SupConLoss",

@@ -14,6 +14,7 @@ function               loss                                                   do
 ``nt_xent_loss``       SimCLR NT-Xent over 2N views, self pair excluded       §6
 ``supcon_loss``        supervised contrastive (Khosla "L_out"), class positives  §6
 ``siglip_loss``        sigmoid loss (open_clip's SigLipLoss)                  §7
+``distill_clip_loss``  CLIP loss + distillation from a teacher's logits       §10
 =====================  =====================================================  ================
 
 Shapes: ``N`` anchors, ``M`` candidates, ``D`` features. Losses and statistics are float32 (float64
@@ -30,7 +31,8 @@ from torch import Tensor
 from . import _checks, backends, ops
 from ._types import ScaleLike, stat_dtype
 
-__all__ = ["info_nce", "clip_loss", "lse_stats", "nt_xent_loss", "supcon_loss", "siglip_loss"]
+__all__ = ["info_nce", "clip_loss", "lse_stats", "nt_xent_loss", "supcon_loss", "siglip_loss",
+           "distill_clip_loss"]
 
 
 def _lse(query, keys, scale, labels, row_classes, col_classes, exclude_self, compute_col, backend,
@@ -413,6 +415,68 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scal
     if reduction == "mean":
         return rows.sum() / n
     return _checks.reduce(rows, reduction)
+
+
+def soft_cross(query: Tensor, keys: Tensor, scale: Tensor, t_query: Tensor, t_keys: Tensor,
+               t_scale: Tensor, t_row_lse: Tensor, t_col_lse: Optional[Tensor],
+               backend: str) -> tuple[Tensor, Tensor]:
+    """The soft-target op on validated inputs: (row_cross (N,), col_cross (M,) or (0,))."""
+    name = backends.resolve(backend, query.device, query.dtype,
+                            backends.features_of(soft_xent=True))
+    compute_col = t_col_lse is not None
+    return ops.soft_xent_fwd(query.contiguous(), keys.contiguous(), scale, t_query.contiguous(),
+                             t_keys.contiguous(), t_scale, t_row_lse,
+                             t_col_lse if compute_col else t_row_lse.new_empty(0), compute_col,
+                             name)
+
+
+def distill_directions(query: Tensor, keys: Tensor, scale: Tensor, t_query: Tensor,
+                       t_keys: Tensor, t_scale: Tensor, labels: Optional[Tensor], both: bool,
+                       backend: str) -> tuple[Tensor, Tensor]:
+    """(contrastive, distill) per direction on validated inputs, shapes ((N,) or (N+M),) each:
+    the rows of S (and, with ``both``, its columns): ``lse_S − S_{i,l_i}`` and the soft-target
+    cross-entropy ``lse_S − Σ_j softmax(T)_ij·S_ij`` against the teacher's logits T."""
+    row, col, pos, _ = _lse(query, keys, scale, labels, None, None, False, both, backend)
+    t_row, t_col, _, _ = _lse(t_query, t_keys, t_scale, None, None, None, False, both, backend)
+    row_x, col_x = soft_cross(query, keys, scale, t_query, t_keys, t_scale, t_row,
+                              t_col if both else None, backend)
+    if not both:
+        return row - pos, row - row_x
+    return torch.cat([row - pos, col - pos]), torch.cat([row - row_x, col - col_x])
+
+
+def distill_clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: ScaleLike,
+                      dist_image_features: Tensor, dist_text_features: Tensor,
+                      dist_logit_scale: ScaleLike, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """CLIP loss and distillation from a CLIP teacher (open_clip's ``DistillClipLoss``), fused.
+
+    ``contrastive = ½(CE(S, I) + CE(Sᵀ, I))`` and
+    ``distill = ½(mean_i H(softmax(T_i·), S_i·) + mean_j H(softmax(T_·j), S_·j))`` with the
+    student's logits ``S = logit_scale·img·txtᵀ``, the teacher's ``T = dist_logit_scale·d_img·
+    d_txtᵀ`` and the soft-target cross-entropy ``H(p, s) = −Σ p·log_softmax(s) = lse(s) − Σ p·s``
+    — no N×N matrix of either (docs/math.md §10). The teacher's features and scale get gradients
+    where they require them, exactly as open_clip's (which does not detach the teacher).
+
+    Args:
+        image_features, text_features: (N, D) the student's pairs.
+        logit_scale: the student's s. dist_image_features, dist_text_features: (N, D_t) the
+            teacher's features of the same pairs (its own D_t and dtype). dist_logit_scale: its t.
+    Returns:
+        ``(contrastive_loss, distill_loss)``, 0-dim, float32 (float64 for float64 inputs).
+    """
+    _checks.check_pairs("distill_clip_loss", "image_features", image_features, "text_features",
+                        text_features)
+    _checks.check_pairs("distill_clip_loss", "dist_image_features", dist_image_features,
+                        "dist_text_features", dist_text_features)
+    if dist_image_features.shape[0] != image_features.shape[0]:
+        raise ValueError(f"the teacher's features must have the student's N = "
+                         f"{image_features.shape[0]} rows, got {tuple(dist_image_features.shape)}")
+    scale = _checks.scale_tensor(logit_scale, image_features)
+    t_scale = _checks.scale_tensor(dist_logit_scale, image_features)
+    contrastive, distill = distill_directions(image_features, text_features, scale,
+                                              dist_image_features, dist_text_features, t_scale,
+                                              None, True, backend)
+    return contrastive.mean(), distill.mean()
 
 
 def sigmoid_rows(image_features: Tensor, text_features: Tensor, scale: Tensor, bias: Tensor,

@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from . import functional
 
-__all__ = ["ClipLoss", "InfoNCELoss", "NTXentLoss", "SupConLoss", "SigLipLoss"]
+__all__ = ["ClipLoss", "InfoNCELoss", "NTXentLoss", "SupConLoss", "SigLipLoss", "DistillClipLoss",
+           "CoCaLoss"]
 
 
 class _Matryoshka:
@@ -144,6 +145,86 @@ class ClipLoss(_Matryoshka, nn.Module):
                     rank=self.rank, world_size=self.world_size, labels=labels,
                     backend=self.backend, **self._mrl())
         return {"contrastive_loss": loss} if output_dict else loss
+
+
+class DistillClipLoss(ClipLoss):
+    """Drop-in replacement for open_clip's ``DistillClipLoss``: the CLIP loss and the distillation
+    from a CLIP teacher's logits, both fused (docs/math.md §10) — no N×N matrix of the student or
+    the teacher.
+
+    Same constructor as ``ClipLoss`` (open_clip's arguments; ``ring`` and Matryoshka dims are not
+    supported here) and open_clip's call: ``forward(image_features (N, D), text_features (N, D),
+    logit_scale, dist_image_features (N, D_t), dist_text_features (N, D_t), dist_logit_scale,
+    output_dict=False)`` returns ``(contrastive_loss, distill_loss)`` or
+    ``{"contrastive_loss", "distill_loss"}``. Distributed: the teacher's features are gathered like
+    the student's, in all four ``(local_loss, gather_with_grad)`` settings, with open_clip's values
+    and gradient flow (the teacher gets gradients wherever its features or scale require them, as
+    open_clip does not detach it).
+    """
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
+                 cache_labels: bool = False, rank: int = 0, world_size: int = 1,
+                 use_horovod: bool = False, *, backend: str = "auto"):
+        super().__init__(local_loss=local_loss, gather_with_grad=gather_with_grad,
+                         cache_labels=cache_labels, rank=rank, world_size=world_size,
+                         use_horovod=use_horovod, backend=backend)
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
+                dist_image_features: Tensor, dist_text_features: Tensor, dist_logit_scale,
+                output_dict: bool = False):
+        if self.world_size == 1:
+            contrastive, distill = functional.distill_clip_loss(
+                image_features, text_features, logit_scale, dist_image_features,
+                dist_text_features, dist_logit_scale, backend=self.backend)
+        else:
+            from . import distributed
+            distributed.check_rank_world(self.rank, self.world_size, what="DistillClipLoss")
+            labels = (self._local_labels(image_features.shape[0], image_features.device)
+                      if self.local_loss else None)
+            contrastive, distill = distributed.gathered_distill_clip_loss(
+                image_features, text_features, logit_scale, dist_image_features,
+                dist_text_features, dist_logit_scale, local_loss=self.local_loss,
+                gather_with_grad=self.gather_with_grad, rank=self.rank,
+                world_size=self.world_size, labels=labels, backend=self.backend)
+        if output_dict:
+            return {"contrastive_loss": contrastive, "distill_loss": distill}
+        return contrastive, distill
+
+
+class CoCaLoss(ClipLoss):
+    """Drop-in replacement for open_clip's ``CoCaLoss``: ``clip_loss_weight`` × the fused CLIP loss
+    (``ClipLoss``, every distributed setting) and ``caption_loss_weight`` × the captioning
+    cross-entropy over the vocabulary, computed as open_clip does (``nn.CrossEntropyLoss(
+    ignore_index=pad_id)`` on ``logits.permute(0, 2, 1)``: a (B, L, V) tensor the caller holds).
+
+    ``forward(image_features (N, D), text_features (N, D), logits (N, L, V), labels (N, L),
+    logit_scale, output_dict=False)`` returns ``(clip_loss, caption_loss)`` or
+    ``{"contrastive_loss", "caption_loss"}``; a ``clip_loss_weight`` of 0 gives a 0 clip loss
+    without computing it, as open_clip.
+    """
+
+    def __init__(self, caption_loss_weight, clip_loss_weight, pad_id: int = 0,
+                 local_loss: bool = False, gather_with_grad: bool = False,
+                 cache_labels: bool = False, rank: int = 0, world_size: int = 1,
+                 use_horovod: bool = False, *, backend: str = "auto"):
+        super().__init__(local_loss=local_loss, gather_with_grad=gather_with_grad,
+                         cache_labels=cache_labels, rank=rank, world_size=world_size,
+                         use_horovod=use_horovod, backend=backend)
+        self.clip_loss_weight = clip_loss_weight
+        self.caption_loss_weight = caption_loss_weight
+        self.caption_loss = nn.CrossEntropyLoss(ignore_index=pad_id)
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logits: Tensor,
+                labels: Tensor, logit_scale, output_dict: bool = False):
+        if self.clip_loss_weight:
+            clip_loss = self.clip_loss_weight * super().forward(image_features, text_features,
+                                                                logit_scale)
+        else:
+            clip_loss = torch.tensor(0, device=logits.device)
+        caption_loss = self.caption_loss(logits.permute(0, 2, 1), labels) * self.caption_loss_weight
+        if output_dict:
+            return {"contrastive_loss": clip_loss, "caption_loss": caption_loss}
+        return clip_loss, caption_loss
 
 
 class NTXentLoss(_Matryoshka, nn.Module):

@@ -375,8 +375,39 @@ def _check_siglip_parity(rank, w, oc):
     assert gather_probe.max_numel >= w * n * d, "the probe should see the gathered texts"
 
 
+def _check_distill_parity(rank, w, oc):
+    # open_clip's DistillClipLoss in all four settings: the teacher gathered like the student, its
+    # features and scale requiring grad (open_clip does not detach the teacher)
+    n, d, dt = 4, 6, 5
+    img_all, txt_all = _features(3, [n] * w, d)
+    dimg_all, dtxt_all = _features(4, [n] * w, dt)
+    rows = lambda t: _rows(t, [n] * w, rank)  # noqa: E731
+    feats = [rows(t) for t in (img_all, txt_all, dimg_all, dtxt_all)]
+    scales = [torch.tensor(14.3, dtype=torch.float64), torch.tensor(40.0, dtype=torch.float64)]
+
+    def run(loss_fn):
+        leaves = [_leaf(t) for t in feats + scales]
+        c, dl = loss_fn(leaves[0], leaves[1], leaves[4], leaves[2], leaves[3], leaves[5])
+        (c + 3.0 * dl).backward()
+        return [c.detach(), dl.detach()] + [x.grad for x in leaves]
+
+    names = ("contrastive", "distill", "grad image", "grad text", "grad dist image",
+             "grad dist text", "grad logit_scale", "grad dist_logit_scale")
+    for local_loss, gwg in SETTINGS:
+        tag = f"W={w} rank={rank} local_loss={local_loss} gather_with_grad={gwg}"
+        kw = dict(local_loss=local_loss, gather_with_grad=gwg, rank=rank, world_size=w)
+        ours = run(ck.DistillClipLoss(**kw, cache_labels=True, backend="chunked"))
+        theirs = run(oc.DistillClipLoss(**kw, cache_labels=True))
+        for name, a, b in zip(names, ours, theirs):
+            if b is None:
+                assert a is None, f"{tag}: {name} where open_clip has none"
+            else:
+                _close(a, b, f"{tag} DistillClipLoss vs open_clip: {name}")
+
+
 CHECKS = {
     "open_clip": _check_open_clip_parity,
+    "distill": _check_distill_parity,
     "siglip": _check_siglip_parity,
     "ring": lambda r, w, oc: (_check_ring_equals_gather(r, w), _check_ring_uneven(r, w),
                               _check_ring_float32(r, w), _check_ring_memory(r, w)),
@@ -423,7 +454,7 @@ needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_open_clip_parity(world_size):
     open_clip_loss_module()  # skip locally / fail in CI when open_clip is missing
-    _spawn(world_size, ["open_clip", "siglip"])
+    _spawn(world_size, ["open_clip", "siglip", "distill"])
 
 
 @needs_gloo

@@ -40,10 +40,10 @@ BACKEND_CHOICES = ("auto",) + BACKENDS
 
 # What a call may need beyond the plain log-sum-exp op, and which backends lack it. ``auto`` never
 # picks a backend for a call it cannot serve; asking for one explicitly raises NotImplementedError.
-FEATURES = ("exclude_self", "classes", "sigmoid", "groups", "guide", "prefix")
+FEATURES = ("exclude_self", "classes", "sigmoid", "groups", "guide", "prefix", "soft_xent")
 MISSING = {"cuda": frozenset(FEATURES),  # the CUDA C++ kernels: plain log-sum-exp only (so far)
-           "cpu": frozenset({"prefix"}),
-           "triton": frozenset({"prefix"})}
+           "cpu": frozenset({"prefix", "soft_xent"}),
+           "triton": frozenset({"prefix", "soft_xent"})}
 
 _MODULES = {
     "reference": ".reference",
@@ -164,7 +164,8 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype, features: str =
 
 
 def features_of(*, exclude_self: bool = False, classes: bool = False, sigmoid: bool = False,
-                groups: bool = False, guide: bool = False, prefix: bool = False) -> str:
+                groups: bool = False, guide: bool = False, prefix: bool = False,
+                soft_xent: bool = False) -> str:
     """The ``features`` string of a call (a constant under torch.compile)."""
     return ",".join(f for f, on in zip(FEATURES, (exclude_self, classes, sigmoid, groups, guide,
-                                                  prefix)) if on)
+                                                  prefix, soft_xent)) if on)

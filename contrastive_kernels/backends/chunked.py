@@ -14,7 +14,7 @@ import os
 import torch
 
 from .._types import stat_dtype
-from . import _prefix
+from . import _prefix, _soft_xent
 from ._blocks import block_grad, block_stats, sigmoid_block
 
 # Elements of one chunk of S (float32: 16 MiB). Large enough that each block matmul runs near the
@@ -147,3 +147,50 @@ def sigmoid_prefix_bwd(query, keys, scale, bias, dims, row_scale, col_scale, row
     return _prefix.sigmoid_prefix_bwd(_row_blocks(query, keys, scale, len(dims) + 4), query, keys,
                                       scale, bias, dims, row_scale, col_scale, row_classes,
                                       col_classes, diagonal, grad_row)
+
+
+# ---------------------------------------------------------------------------------------------
+# soft-target cross-entropy family (docs/math.md §10): student and teacher blocks side by side
+# ---------------------------------------------------------------------------------------------
+
+def _pair_blocks(query, keys, scale, t_query, t_keys, t_scale, blocks_alive: int):
+    """(rows, S block, T block, q, k, a, b, s, t) for blocks of rows."""
+    st = stat_dtype(query.dtype)
+    n, m = query.shape[0], keys.shape[0]
+    k, b = keys.to(st), t_keys.to(st)
+    sc, tc = scale.to(st), t_scale.to(st)
+    block = row_block(n, m * blocks_alive)
+    for start in range(0, n, block):
+        rows = torch.arange(start, min(n, start + block), device=query.device)
+        q, a = query[start:start + block].to(st), t_query[start:start + block].to(st)
+        yield rows, sc * (q @ k.T), tc * (a @ b.T), q, k, a, b, sc, tc
+
+
+def soft_xent_fwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, compute_col):
+    blocks = ((r, s, t) for r, s, t, *_ in _pair_blocks(query, keys, scale, t_query, t_keys,
+                                                         t_scale, 3))
+    return _soft_xent.soft_xent_fwd(blocks, query, keys, t_query, t_keys, t_row_lse, t_col_lse,
+                                    compute_col)
+
+
+def soft_xent_bwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, grad_row,
+                  grad_col, teacher_grad):
+    st = stat_dtype(query.dtype)
+    grad_q = torch.empty(query.shape, dtype=st, device=query.device)
+    grad_k = torch.zeros(keys.shape, dtype=st, device=query.device)
+    grad_a = torch.empty(t_query.shape if teacher_grad else (0,), dtype=st, device=query.device)
+    grad_b = torch.zeros(t_keys.shape if teacher_grad else (0,), dtype=st, device=query.device)
+    sc = tc = None
+    for rows, s, t, q, k, a, b, sc, tc in _pair_blocks(query, keys, scale, t_query, t_keys,
+                                                       t_scale, 5):
+        g_s, g_t = _soft_xent.soft_xent_grads(s, t, rows, t_row_lse, t_col_lse, grad_row,
+                                              grad_col, teacher_grad)
+        grad_q[rows] = sc * (g_s @ k)
+        grad_k.addmm_(g_s.T, q)
+        if teacher_grad:
+            grad_a[rows] = tc * (g_t @ b)
+            grad_b.addmm_(g_t.T, a)
+    grad_k.mul_(sc)
+    if teacher_grad:
+        grad_b.mul_(tc)
+    return grad_q, grad_k, grad_a, grad_b

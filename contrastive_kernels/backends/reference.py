@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .._types import stat_dtype
-from . import _prefix
+from . import _prefix, _soft_xent
 from ._blocks import block_grad, block_stats, sigmoid_block
 
 
@@ -89,3 +89,27 @@ def sigmoid_prefix_fwd(query, keys, scale, *args):
 
 def sigmoid_prefix_bwd(query, keys, scale, *args):
     return _prefix.sigmoid_prefix_bwd(_one_block(query, keys, scale), query, keys, scale, *args)
+
+
+# ---------------------------------------------------------------------------------------------
+# soft-target cross-entropy family (docs/math.md §10): both whole matrices
+# ---------------------------------------------------------------------------------------------
+
+def soft_xent_fwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, compute_col):
+    rows = torch.arange(query.shape[0], device=query.device)
+    blocks = [(rows, logits(query, keys, scale), logits(t_query, t_keys, t_scale))]
+    return _soft_xent.soft_xent_fwd(blocks, query, keys, t_query, t_keys, t_row_lse, t_col_lse,
+                                    compute_col)
+
+
+def soft_xent_bwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, grad_row,
+                  grad_col, teacher_grad):
+    st = stat_dtype(query.dtype)
+    rows = torch.arange(query.shape[0], device=query.device)
+    q, k, a, b = (x.to(st) for x in (query, keys, t_query, t_keys))
+    sc, tc = scale.to(st), t_scale.to(st)
+    g_s, g_t = _soft_xent.soft_xent_grads(sc * (q @ k.T), tc * (a @ b.T), rows, t_row_lse,
+                                          t_col_lse, grad_row, grad_col, teacher_grad)
+    if not teacher_grad:
+        return sc * (g_s @ k), sc * (g_s.T @ q), q.new_empty(0), q.new_empty(0)
+    return sc * (g_s @ k), sc * (g_s.T @ q), tc * (g_t @ b), tc * (g_t.T @ a)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from ._comm import check_rank_world
 from .gamma import DistributedGammaContrastiveLoss
-from .gather import gather_features, gathered_clip_loss
+from .gather import gather_features, gathered_clip_loss, gathered_distill_clip_loss
 from .ring import RingClipLoss, ring_clip_loss, ring_lse_stats
 from .siglip import distributed_siglip_loss
 
@@ -43,6 +43,7 @@ __all__ = [
     "check_rank_world",
     "gather_features",
     "gathered_clip_loss",
+    "gathered_distill_clip_loss",
     "ring_lse_stats",
     "ring_clip_loss",
     "RingClipLoss",

@@ -75,3 +75,37 @@ def gathered_clip_loss(image_features: Tensor, text_features: Tensor, logit_scal
                   + functional.info_nce(text_features, all_i, logit_scale, labels, backend=backend,
                                         **matryoshka))
     return _checks.zero_gradient_term(loss, logit_bias)
+
+
+def gathered_distill_clip_loss(image_features: Tensor, text_features: Tensor, logit_scale,
+                               dist_image_features: Tensor, dist_text_features: Tensor,
+                               dist_logit_scale, *, local_loss: bool = False,
+                               gather_with_grad: bool = False, rank: int = 0, world_size: int = 1,
+                               labels: Optional[Tensor] = None, backend: str = "auto",
+                               group=None) -> tuple[Tensor, Tensor]:
+    """open_clip's distributed ``DistillClipLoss`` computed by the fused ops: the student's and the
+    teacher's features are gathered alike (open_clip's ``get_logits`` for both), then
+    ``(contrastive, distill)`` over all W·N pairs (``local_loss=False``) or the local rows against
+    every gathered candidate, labels offset by ``rank·N`` (``local_loss=True``)."""
+    _checks.check_pairs("DistillClipLoss", "image_features", image_features, "text_features",
+                        text_features)
+    _checks.check_pairs("DistillClipLoss", "dist_image_features", dist_image_features,
+                        "dist_text_features", dist_text_features)
+    all_i, all_t = gather_features(image_features, text_features, local_loss, gather_with_grad,
+                                   rank, world_size, group=group)
+    all_di, all_dt = gather_features(dist_image_features, dist_text_features, local_loss,
+                                     gather_with_grad, rank, world_size, group=group)
+    scale = _checks.scale_tensor(logit_scale, image_features)
+    t_scale = _checks.scale_tensor(dist_logit_scale, image_features)
+    if not local_loss:
+        c, d = functional.distill_directions(all_i, all_t, scale, all_di, all_dt, t_scale, None,
+                                             True, backend)
+        return c.mean(), d.mean()
+    n = image_features.shape[0]
+    if labels is None:
+        labels = torch.arange(n, device=image_features.device, dtype=torch.int64) + n * rank
+    c_i, d_i = functional.distill_directions(image_features, all_t, scale, dist_image_features,
+                                             all_dt, t_scale, labels, False, backend)
+    c_t, d_t = functional.distill_directions(text_features, all_i, scale, dist_text_features,
+                                             all_di, t_scale, labels, False, backend)
+    return 0.5 * (c_i.mean() + c_t.mean()), 0.5 * (d_i.mean() + d_t.mean())
