@@ -134,3 +134,16 @@ def test_coca_matches_open_clip(clip_weight):
             assert a is None
         else:
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-15)
+
+
+def test_bench_providers_time_the_same_loss():
+    # `bench distill` times ck.DistillClipLoss and open_clip's on the same features: same value
+    open_clip_loss_module()
+    from contrastive_kernels.bench.distill import _SETUP
+
+    values = {}
+    for provider in ("ck.chunked", "open_clip"):
+        scope: dict = {}
+        exec(_SETUP.format(provider=provider, n=48, d=16), scope)
+        values[provider] = scope["run"](48)
+    assert abs(values["ck.chunked"] - values["open_clip"]) <= 1e-5 * abs(values["open_clip"]), values

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "fused twins (bench st --help) [~10 min]"
                                         "\n  matryoshka    Matryoshka clip loss: one sweep vs one "
                                         "loss per prefix (bench matryoshka --help) [~5 min]"
+                                        "\n  distill       DistillClipLoss vs open_clip's (bench "
+                                        "distill --help) [~3 min]"
                "\n\nexample head-to-head: contrastive-kernels bench "
                "--n 8192 --providers dense,open_clip,cpu --repeats 9")
     p.add_argument("config", nargs="?", default="sweep",
@@ -247,6 +249,9 @@ def main(argv=None) -> int:
     if argv and argv[0] == "matryoshka":
         from .matryoshka import main as matryoshka_main
         return matryoshka_main(argv[1:])
+    if argv and argv[0] == "distill":
+        from .distill import main as distill_main
+        return distill_main(argv[1:])
     args = build_parser().parse_args(argv)
     from .configs import CONFIGS
 
@@ -259,6 +264,7 @@ def main(argv=None) -> int:
               "[~10 min]")
         print(f"{'matryoshka':<13} Matryoshka clip loss: one sweep vs one loss per prefix "
               "(bench matryoshka --help) [~5 min]")
+        print(f"{'distill':<13} DistillClipLoss vs open_clip's (bench distill --help) [~3 min]")
         return 0
     if args.config == "plot":
         from .plot import plot_csv

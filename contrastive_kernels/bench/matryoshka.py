@@ -47,18 +47,6 @@ def run(k):
     out.backward()
     return float(out)
 """
-_CODE = """
-import time as _time
-times = []
-for _ in range({repeats}):
-    t0 = _time.perf_counter()
-    value = run({n})
-    times.append((_time.perf_counter() - t0) * 1e3)
-times.sort()
-result = {{"ms": times, "loss": value}}
-"""
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="contrastive-kernels bench matryoshka",
                                 description=__doc__.split("\n\n")[0],
@@ -81,7 +69,7 @@ def main(argv=None) -> int:
     import torch
 
     from .plot import plot_csv
-    from .probe_rows import measure_row
+    from .probe_rows import TIMED_CODE, measure_row
     from .schema import CsvSink, device_name
 
     dev = torch.device("cpu")
@@ -98,7 +86,7 @@ def main(argv=None) -> int:
         row = dict(config="matryoshka", op="matryoshka_clip", provider=prov,
                    ours=prov.startswith("ck."), mode="fwd_bwd", dtype="float32", n=n, m=n, d=d)
         measure_row(row, setup=_SETUP.format(provider=prov, n=n, d=d, dims=dims),
-                    code=_CODE.format(n=n, repeats=1 if n > 16384 else args.repeats),
+                    code=TIMED_CODE.format(n=n, repeats=1 if n > 16384 else args.repeats),
                     note=f"dims {list(dims)}", timeout=args.timeout)
         sinks[key].write(row)
         rows.append(row)

@@ -8,6 +8,18 @@ recorded in the row's note and the run goes on.
 """
 from __future__ import annotations
 
+# The measured snippet of a setup that defines run(k): ``repeats`` timed calls at size n.
+TIMED_CODE = """
+import time as _time
+times = []
+for _ in range({repeats}):
+    t0 = _time.perf_counter()
+    value = run({n})
+    times.append((_time.perf_counter() - t0) * 1e3)
+times.sort()
+result = {{"ms": times, "loss": value}}
+"""
+
 
 def measure_row(row: dict, *, setup: str, code: str, note: str, timeout: float,
                 warmup: str = "run(64)") -> dict:

@@ -82,18 +82,6 @@ import torch
 from contrastive_kernels.bench.st import loss_closure
 run = loss_closure({provider!r}, {loss!r}, {n}, {d}, {columns}, tempfile.mkdtemp())
 """
-_LOSS_CODE = """
-import time as _time
-times = []
-for _ in range({repeats}):
-    t0 = _time.perf_counter()
-    value = run({n})
-    times.append((_time.perf_counter() - t0) * 1e3)
-times.sort()
-result = {{"ms": times, "loss": value}}
-"""
-
-
 def loss_closure(provider: str, loss: str, n: int, d: int, columns: int, workdir: str):
     """``run(k)``: forward + backward of ``loss`` on the first k rows of fixed embeddings."""
     import torch
@@ -217,7 +205,7 @@ def main(argv=None) -> int:
     import torch
 
     from .plot import plot_csv
-    from .probe_rows import measure_row
+    from .probe_rows import TIMED_CODE, measure_row
     from .schema import CsvSink, device_name
 
     dev = torch.device("cpu")
@@ -244,7 +232,7 @@ def main(argv=None) -> int:
             else:
                 setup = _LOSS_SETUP.format(provider=provider, loss=op, n=n, d=args.d,
                                            columns=args.columns)
-                code = _LOSS_CODE.format(n=n, repeats=args.repeats)
+                code = TIMED_CODE.format(n=n, repeats=args.repeats)
                 note = f"{LOSSES[op]}; {args.columns - 2} hard-negative columns; loss fwd+bwd"
                 d = args.d
             row = dict(config="st", op=op, provider=provider, ours=provider.startswith("ck."),
