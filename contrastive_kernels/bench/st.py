@@ -219,9 +219,9 @@ def main(argv=None) -> int:
             sinks[op] = CsvSink(paths[op])
         for provider in providers:
             if op == "st_gist" and provider == providers[0] and n > args.gist_upstream_max:
-                print(f"{op:<15} N={n:>6} {provider:<22} skipped: B·M·D products "
-                      f"({n * n * (args.columns - 1) * args.d * 4 / 2 ** 30:.0f} GiB of float32 "
-                      "work per call) above --gist-upstream-max", flush=True)
+                print(f"{op:<15} N={n:>6} {provider:<22} skipped: upstream's cost grows as "
+                      f"B·M·D ({n * n * (args.columns - 1) * args.d / 1e9:.0f}·10⁹ products a "
+                      "call), N above --gist-upstream-max", flush=True)
                 continue
             if op == "st_cached_step":
                 setup = _STEP_SETUP.format(provider=provider, b=n, mini_batch=args.mini_batch)
