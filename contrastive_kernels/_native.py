@@ -93,8 +93,47 @@ def _register_fakes() -> None:
         return (query.new_empty(query.shape, dtype=st), keys.new_empty(keys.shape, dtype=st),
                 query.new_empty(query.shape[0], dtype=st))
 
+    def fake_lse_prefix_fwd(query, keys, scale, dims, row_scale, col_scale, labels, row_classes,
+                            col_classes, exclude_self, compute_col, row_groups=None,
+                            col_groups=None, guide_query=None, guide_keys=None,
+                            guide_threshold=None):
+        st = stat_dtype(query.dtype)
+        n, m, k = query.shape[0], keys.shape[0], len(dims)
+        return (query.new_empty(k, n, dtype=st),
+                query.new_empty(k, m if compute_col else 0, dtype=st),
+                query.new_empty(k, n, dtype=st),
+                query.new_empty(n if row_classes is not None else 0, dtype=st))
+
+    def fake_lse_prefix_bwd(query, keys, scale, dims, row_scale, col_scale, labels, row_classes,
+                            col_classes, exclude_self, row_lse, col_lse, grad_row, grad_col,
+                            grad_pos, row_groups=None, col_groups=None, guide_query=None,
+                            guide_keys=None, guide_threshold=None):
+        st = stat_dtype(query.dtype)
+        k = len(dims)
+        return (query.new_empty(query.shape, dtype=st), keys.new_empty(keys.shape, dtype=st),
+                query.new_empty(k, query.shape[0], dtype=st),
+                query.new_empty(k, keys.shape[0], dtype=st))
+
+    def fake_sigmoid_prefix_fwd(query, keys, scale, bias, dims, row_scale, col_scale, row_classes,
+                                col_classes, diagonal):
+        return query.new_empty(len(dims), query.shape[0], dtype=stat_dtype(query.dtype))
+
+    def fake_sigmoid_prefix_bwd(query, keys, scale, bias, dims, row_scale, col_scale, row_classes,
+                                col_classes, diagonal, grad_row):
+        st = stat_dtype(query.dtype)
+        k, n, m = len(dims), query.shape[0], keys.shape[0]
+        return (query.new_empty(query.shape, dtype=st), keys.new_empty(keys.shape, dtype=st),
+                query.new_empty(k, n, dtype=st), query.new_empty(k, m, dtype=st),
+                query.new_empty(k, n, dtype=st))
+
     for name, fn in (("lse_fwd", fake_lse_fwd), ("lse_bwd", fake_lse_bwd),
-                     ("sigmoid_fwd", fake_sigmoid_fwd), ("sigmoid_bwd", fake_sigmoid_bwd)):
+                     ("sigmoid_fwd", fake_sigmoid_fwd), ("sigmoid_bwd", fake_sigmoid_bwd),
+                     ("lse_prefix_fwd", fake_lse_prefix_fwd),
+                     ("lse_prefix_bwd", fake_lse_prefix_bwd),
+                     ("sigmoid_prefix_fwd", fake_sigmoid_prefix_fwd),
+                     ("sigmoid_prefix_bwd", fake_sigmoid_prefix_bwd)):
+        if not hasattr(torch.ops.ck_native, name):  # an older build without this op
+            continue
         try:
             torch.library.register_fake(f"ck_native::{name}", fn)
         except RuntimeError as exc:  # registered already (a second load in one process)

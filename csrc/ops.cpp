@@ -83,6 +83,33 @@ TORCH_LIBRARY(ck_native, m) {
       "sigmoid_bwd(Tensor query, Tensor keys, Tensor scale, Tensor bias, Tensor? row_classes,"
       " Tensor? col_classes, bool diagonal, Tensor grad_row)"
       " -> (Tensor grad_query, Tensor grad_keys, Tensor grad_bias_row)");
+  // Prefix (Matryoshka) families (csrc/cpu/prefix_cpu.cpp; CPU kernels only): the ops above on
+  // S^t = s·r_t·c_tᵀ ⊙ (Q[:, :d_t]·K[:, :d_t]ᵀ) for dims d_1 < … < d_k ≤ D, stacked (k, ·);
+  // row_scale (N, k) / col_scale (M, k) optional factors (None: ones), the masks the same at every
+  // prefix. The backward ops also return row_dot_ti = Σ_j G^t_ij·S^t_ij and
+  // col_dot_tj = Σ_i G^t_ij·S^t_ij (G^t = 0 on E). Contract: contrastive_kernels/backends/_prefix.py.
+  m.def(
+      "lse_prefix_fwd(Tensor query, Tensor keys, Tensor scale, int[] dims, Tensor? row_scale,"
+      " Tensor? col_scale, Tensor? labels, Tensor? row_classes, Tensor? col_classes,"
+      " bool exclude_self, bool compute_col, Tensor? row_groups=None, Tensor? col_groups=None,"
+      " Tensor? guide_query=None, Tensor? guide_keys=None, Tensor? guide_threshold=None)"
+      " -> (Tensor row_lse, Tensor col_lse, Tensor pos, Tensor pos_count)");
+  m.def(
+      "lse_prefix_bwd(Tensor query, Tensor keys, Tensor scale, int[] dims, Tensor? row_scale,"
+      " Tensor? col_scale, Tensor? labels, Tensor? row_classes, Tensor? col_classes,"
+      " bool exclude_self, Tensor row_lse, Tensor col_lse, Tensor? grad_row, Tensor? grad_col,"
+      " Tensor? grad_pos, Tensor? row_groups=None, Tensor? col_groups=None,"
+      " Tensor? guide_query=None, Tensor? guide_keys=None, Tensor? guide_threshold=None)"
+      " -> (Tensor grad_query, Tensor grad_keys, Tensor row_dot, Tensor col_dot)");
+  m.def(
+      "sigmoid_prefix_fwd(Tensor query, Tensor keys, Tensor scale, Tensor bias, int[] dims,"
+      " Tensor? row_scale, Tensor? col_scale, Tensor? row_classes, Tensor? col_classes,"
+      " bool diagonal) -> Tensor row_loss");
+  m.def(
+      "sigmoid_prefix_bwd(Tensor query, Tensor keys, Tensor scale, Tensor bias, int[] dims,"
+      " Tensor? row_scale, Tensor? col_scale, Tensor? row_classes, Tensor? col_classes,"
+      " bool diagonal, Tensor grad_row) -> (Tensor grad_query, Tensor grad_keys, Tensor row_dot,"
+      " Tensor col_dot, Tensor grad_bias_row)");
   // No tensor argument to dispatch on: a catch-all kernel (the CPU kernels are always built).
   m.def("cpu_isa() -> str", &ck::cpu::cpu_isa);
 }

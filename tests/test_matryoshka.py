@@ -13,14 +13,13 @@ from helpers import make_features
 from test_conformance import _class_labels, _views, conform
 
 F64 = torch.float64
-# the backends that implement the prefix families (cpu, triton and cuda: NotImplementedError)
-PREFIX_BACKENDS = ["reference", "chunked", "chunked-tiny"]
 
 
-@pytest.fixture(params=PREFIX_BACKENDS)
-def prefix_backend(request, monkeypatch):
-    from conftest import _backend_fixture
-    return _backend_fixture(request, monkeypatch)
+@pytest.fixture
+def prefix_backend(backend):
+    """Every CPU backend (the prefix families are in all of them; the native CPU and Triton
+    kernels have their own op-level tests: test_native_cpu_prefix.py, test_triton_prefix.py)."""
+    return backend
 
 
 def _unit(x, d):
@@ -116,12 +115,12 @@ def test_matryoshka_supcon_float64(prefix_backend, ref_set):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_matryoshka_float32_relative_rule(name):
+def test_matryoshka_float32_relative_rule(lowp_backend, name):
     ours, per_prefix, scalars = CASES[name]
     a, b = _inputs(name, 37, 40, seed=9)
     dims = (8, 16, 40)
     conform(lambda *x, backend: ours(*x, backend=backend, matryoshka_dims=dims),
-            dense(per_prefix, dims, None), (a, b), scalars, torch.float32, "chunked")
+            dense(per_prefix, dims, None), (a, b), scalars, torch.float32, lowp_backend)
 
 
 def test_one_dim_equal_to_d_is_the_plain_loss_on_normalised_inputs():
@@ -152,13 +151,15 @@ def test_modules_take_the_same_arguments():
         ck.SigLipLoss(rank=0, world_size=2, **mrl)
 
 
-def test_backends_without_the_prefix_families_say_so():
-    a, b = make_features(4, 4, 6)
+def test_backends_without_the_prefix_families_say_so(monkeypatch):
+    # the CUDA C++ kernels lack them: an explicit request names the feature, auto never picks them
+    from contrastive_kernels import backends
+    monkeypatch.setattr(backends, "availability", lambda name: (name != "triton", ""))
+    monkeypatch.setattr(backends, "device_ok", lambda name, device: (True, ""))
+    dev = torch.device("cuda")
+    assert backends.resolve("auto", dev, torch.float32, "prefix") == "chunked"
     with pytest.raises(NotImplementedError, match="prefix"):
-        ck.clip_loss(a, b, 5.0, matryoshka_dims=(2, 6), backend="cpu")
-    # auto picks a backend that has them
-    torch.testing.assert_close(ck.clip_loss(a, b, 5.0, matryoshka_dims=(2, 6)),
-                               ck.clip_loss(a, b, 5.0, matryoshka_dims=(2, 6), backend="chunked"))
+        backends.resolve("cuda", dev, torch.float32, "prefix")
 
 
 @pytest.mark.parametrize("dims,weights,error,match", [

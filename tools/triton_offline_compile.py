@@ -11,9 +11,10 @@ without a GPU:
 1. It makes Triton believe the current device is a GPU of the requested architecture (a stand-in
    driver that only answers "which device / stream / target").
 2. It runs the real host functions of ``contrastive_kernels/backends/triton`` (``forward.lse_fwd``,
-   ``backward.lse_bwd``, ``sigmoid.sigmoid_fwd`` / ``sigmoid_bwd``) on CPU tensors for a matrix of
-   cases (dtypes, D resident vs chunked, labels, exclusion and class positives, the in-tile
-   same-group and guide masks, column modes, backward modes, round and awkward sizes), with the
+   ``backward.lse_bwd``, ``sigmoid.sigmoid_fwd`` / ``sigmoid_bwd``, ``prefix.*_prefix_fwd/bwd``) on
+   CPU tensors for a matrix of cases (dtypes, D resident vs chunked, labels, exclusion and class
+   positives, the in-tile same-group and guide masks, column modes, backward modes, the prefix
+   (Matryoshka) families, round and awkward sizes), with the
    host planning as on an H100 (132 SMs, so column splits and atomic dQ appear as they would
    there).
 3. Every kernel launch is replaced by ``warmup``: Triton specialises on the real arguments exactly as
@@ -73,11 +74,13 @@ class Case:
     grads: str = "row,col,pos"       # which upstream gradients are non-None
     tuning: dict = field(default_factory=dict)
     fp32_precision: str = "high"     # torch.set_float32_matmul_precision (tf32 vs ieee dots)
-    family: str = "lse"              # lse | sigmoid
+    family: str = "lse"              # lse | sigmoid | prefix_lse | prefix_sigmoid
     exclude_self: bool = False       # lse: the self pair left out (NT-Xent, SupCon)
     classes: bool = False            # class positives (SupCon) / equal-label positives (SigLIP)
     groups: bool = False             # lse: same-group exclusion (row_groups / col_groups)
     guide_dg: int = 0                # lse: guided false-negative mask with a (·, Dg) guide; 0: none
+    dims: tuple = ()                 # prefix_*: the Matryoshka prefix dimensions
+    prefix_scales: bool = True       # prefix_*: per-row/per-column factors (cosine at every prefix)
 
 
 def cases(quick: bool) -> list[Case]:
@@ -129,6 +132,22 @@ def cases(quick: bool) -> list[Case]:
                         guide_dg=32, tuning={"col_reduce": "atomic"}))
         out.append(Case("masked-gemm-bfloat16", 4096, 4096, 512, "bfloat16", labels=True,
                         groups=True, guide_dg=64))
+    # the prefix (Matryoshka) families: masked log-sum-exp with every mask and the per-prefix
+    # factors, and the sigmoid family, at the GPU test's D = 768 with five prefixes
+    mrl = (64, 128, 256, 512, 768)
+    out.append(Case("prefix-masked-bfloat16-d768", 4096, 4096, 768, "bfloat16", labels=True,
+                    exclude_self=True, groups=True, guide_dg=64, family="prefix_lse", dims=mrl))
+    out.append(Case("prefix-siglip-bfloat16-d768", 4096, 4096, 768, "bfloat16",
+                    family="prefix_sigmoid", grads="row", dims=mrl))
+    if not quick:
+        for dt in ("float32", "float16"):
+            out.append(Case(f"prefix-clip-{dt}-d256", 4096, 4096, 256, dt, family="prefix_lse",
+                            dims=(32, 64, 256), prefix_scales=False))
+            out.append(Case(f"prefix-supcon-{dt}-d100", 300, 300, 100, dt, family="prefix_lse",
+                            exclude_self=True, classes=True, compute_col=False, grads="row,pos",
+                            dims=(7, 33, 100)))
+            out.append(Case(f"prefix-siglip-classes-{dt}-d256", 4096, 4096, 256, dt,
+                            family="prefix_sigmoid", classes=True, grads="row", dims=(64, 256)))
     if quick:
         out.append(Case("atomic-cols-bfloat16", 4096, 4096, 512, "bfloat16",
                         tuning={"col_reduce": "atomic"}))
@@ -248,7 +267,7 @@ def main(argv=None) -> int:
         return 1 if args.strict else 0
     from triton.runtime.driver import driver
 
-    from contrastive_kernels.backends.triton import backward, forward, sigmoid, tuning
+    from contrastive_kernels.backends.triton import backward, forward, prefix, sigmoid, tuning
 
     cuobjdump = _find_cuobjdump()
     limit = SMEM_LIMIT.get(args.arch, 99 * 1024)
@@ -274,7 +293,8 @@ def main(argv=None) -> int:
         seen[key] = c
 
     kernels = [(forward, "_lse_fwd_kernel"), (forward, "_lse_merge_kernel"), (backward, "_bwd_kernel"),
-               (sigmoid, "_sigmoid_fwd_kernel")]
+               (sigmoid, "_sigmoid_fwd_kernel"), (prefix, "_prefix_fwd_kernel"),
+               (prefix, "_prefix_bwd_kernel")]
     originals = {(mod, n): getattr(mod, n) for mod, n in kernels}
     for (mod, n), k in originals.items():
         setattr(mod, n, _CompileInsteadOfLaunch(n.strip("_"), k, record))
@@ -299,7 +319,15 @@ def main(argv=None) -> int:
                     rc = torch.randint(0, 4, (case.n,)) if case.classes else None
                     cc = torch.randint(0, 4, (case.m,)) if case.classes else None
                     g = case.grads.split(",")
-                    if case.family == "sigmoid":
+                    kk = len(case.dims)
+                    r_f = torch.rand(case.n, kk) + 0.5 if case.prefix_scales and kk else None
+                    c_f = torch.rand(case.m, kk) + 0.5 if case.prefix_scales and kk else None
+                    if case.family == "prefix_sigmoid":
+                        b = torch.tensor(-10.0)
+                        pa = (q, k, s, b, case.dims, r_f, c_f, rc, cc, not case.classes)
+                        prefix.sigmoid_prefix_fwd(*pa)
+                        prefix.sigmoid_prefix_bwd(*pa, torch.ones(kk, case.n))
+                    elif case.family == "sigmoid":
                         b = torch.tensor(-10.0)
                         sigmoid.sigmoid_fwd(q, k, s, b, rc, cc, not case.classes)
                         sigmoid.sigmoid_bwd(q, k, s, b, rc, cc, not case.classes, torch.ones(case.n))
@@ -312,14 +340,24 @@ def main(argv=None) -> int:
                             masks.update(guide_query=torch.randn(case.n, case.guide_dg),
                                          guide_keys=torch.randn(case.m, case.guide_dg),
                                          guide_threshold=torch.zeros(case.n))
-                        forward.lse_fwd(q, k, s, lab, rc, cc, case.exclude_self, case.compute_col,
-                                        **masks)
-                        backward.lse_bwd(
-                            q, k, s, lab, rc, cc, case.exclude_self, torch.zeros(case.n),
-                            torch.zeros(case.m if case.compute_col else 0),
-                            torch.ones(case.n) if "row" in g else None,
-                            torch.ones(case.m) if "col" in g and case.compute_col else None,
-                            torch.ones(case.n) if "pos" in g else None, **masks)
+                        if case.family == "prefix_lse":
+                            pa = (q, k, s, case.dims, r_f, c_f, lab, rc, cc, case.exclude_self)
+                            prefix.lse_prefix_fwd(*pa, case.compute_col, **masks)
+                            prefix.lse_prefix_bwd(
+                                *pa, torch.zeros(kk, case.n),
+                                torch.zeros(kk, case.m if case.compute_col else 0),
+                                torch.ones(kk, case.n) if "row" in g else None,
+                                torch.ones(kk, case.m) if "col" in g and case.compute_col else None,
+                                torch.ones(kk, case.n) if "pos" in g else None, **masks)
+                        else:
+                            forward.lse_fwd(q, k, s, lab, rc, cc, case.exclude_self, case.compute_col,
+                                            **masks)
+                            backward.lse_bwd(
+                                q, k, s, lab, rc, cc, case.exclude_self, torch.zeros(case.n),
+                                torch.zeros(case.m if case.compute_col else 0),
+                                torch.ones(case.n) if "row" in g else None,
+                                torch.ones(case.m) if "col" in g and case.compute_col else None,
+                                torch.ones(case.n) if "pos" in g else None, **masks)
                 print(f"  case {case.name:<28} ok   {time.time() - tc:6.1f} s")
             except Exception as e:
                 msg = f"{case.name}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"

@@ -4,7 +4,8 @@ One schema (csrc/ops.cpp) with a kernel per dispatch key — csrc/cpu for CPU te
 CUDA tensors — so both backends are the same calls; the dispatcher picks the device's kernel. The
 CUDA kernels implement the plain log-sum-exp family only (``backends.MISSING``): exclusion,
 class positives, the exclusion masks (groups, guide) and the sigmoid family never reach them. The
-CPU kernels implement all of it, the masks included (decided per tile, csrc/cpu/lse_masks.h).
+CPU kernels implement all of it, the masks included (decided per tile, csrc/cpu/lse_masks.h), and
+the prefix (Matryoshka) families (csrc/cpu/prefix_cpu.cpp: every prefix from one sweep).
 """
 from __future__ import annotations
 
@@ -36,3 +37,37 @@ def sigmoid_fwd(query, keys, scale, bias, row_classes, col_classes, diagonal):
 def sigmoid_bwd(query, keys, scale, bias, row_classes, col_classes, diagonal, grad_row):
     return tuple(torch.ops.ck_native.sigmoid_bwd(query, keys, scale, bias, row_classes,
                                                  col_classes, diagonal, grad_row))
+
+
+# prefix (Matryoshka) families: CPU kernels only (csrc/cpu/prefix_cpu.cpp); stats stacked (k, ·)
+
+def lse_prefix_fwd(query, keys, scale, dims, row_scale, col_scale, labels, row_classes,
+                   col_classes, exclude_self, compute_col, row_groups=None, col_groups=None,
+                   guide_query=None, guide_keys=None, guide_threshold=None):
+    return tuple(torch.ops.ck_native.lse_prefix_fwd(
+        query, keys, scale, list(dims), row_scale, col_scale, labels, row_classes, col_classes,
+        exclude_self, compute_col, row_groups, col_groups, guide_query, guide_keys,
+        guide_threshold))
+
+
+def lse_prefix_bwd(query, keys, scale, dims, row_scale, col_scale, labels, row_classes,
+                   col_classes, exclude_self, row_lse, col_lse, grad_row, grad_col, grad_pos,
+                   row_groups=None, col_groups=None, guide_query=None, guide_keys=None,
+                   guide_threshold=None):
+    return tuple(torch.ops.ck_native.lse_prefix_bwd(
+        query, keys, scale, list(dims), row_scale, col_scale, labels, row_classes, col_classes,
+        exclude_self, row_lse, col_lse, grad_row, grad_col, grad_pos, row_groups, col_groups,
+        guide_query, guide_keys, guide_threshold))
+
+
+def sigmoid_prefix_fwd(query, keys, scale, bias, dims, row_scale, col_scale, row_classes,
+                       col_classes, diagonal):
+    return torch.ops.ck_native.sigmoid_prefix_fwd(query, keys, scale, bias, list(dims), row_scale,
+                                                  col_scale, row_classes, col_classes, diagonal)
+
+
+def sigmoid_prefix_bwd(query, keys, scale, bias, dims, row_scale, col_scale, row_classes,
+                       col_classes, diagonal, grad_row):
+    return tuple(torch.ops.ck_native.sigmoid_prefix_bwd(
+        query, keys, scale, bias, list(dims), row_scale, col_scale, row_classes, col_classes,
+        diagonal, grad_row))

@@ -7,6 +7,7 @@
 ``forward.py``  row/column log-sum-exp + positives (+ the partial merge, the CAS column merge)
 ``backward.py`` feature gradients of both families, three modes (fused, two_pass, gemm)
 ``sigmoid.py``  the sigmoid (SigLIP) family: per-row sums (its backward is ``backward.py``'s)
+``prefix.py``   the prefix (Matryoshka) families: every prefix's statistics from one sweep
 ==============  ================================================================================
 
 Importing this package never imports triton: the kernels are loaded on first use, so
@@ -21,7 +22,8 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["available", "lse_fwd", "lse_bwd", "sigmoid_fwd", "sigmoid_bwd"]
+__all__ = ["available", "lse_fwd", "lse_bwd", "sigmoid_fwd", "sigmoid_bwd", "lse_prefix_fwd",
+           "lse_prefix_bwd", "sigmoid_prefix_fwd", "sigmoid_prefix_bwd"]
 
 
 def available() -> tuple[bool, str]:
@@ -90,3 +92,35 @@ def sigmoid_bwd(query, keys, scale, bias, row_classes, col_classes, diagonal, gr
     """Backend ``sigmoid_bwd`` callable; see ``sigmoid.sigmoid_bwd``."""
     return _load("sigmoid").sigmoid_bwd(query, keys, scale, bias, row_classes, col_classes,
                                         diagonal, grad_row)
+
+
+def lse_prefix_fwd(query, keys, scale, dims, row_scale, col_scale, labels, row_classes,
+                   col_classes, exclude_self, compute_col, **masks):
+    """Backend ``lse_prefix_fwd`` callable; see ``prefix.lse_prefix_fwd``."""
+    return _load("prefix").lse_prefix_fwd(query, keys, scale, dims, row_scale, col_scale, labels,
+                                          row_classes, col_classes, exclude_self, compute_col,
+                                          **masks)
+
+
+def lse_prefix_bwd(query, keys, scale, dims, row_scale, col_scale, labels, row_classes,
+                   col_classes, exclude_self, row_lse, col_lse, grad_row, grad_col, grad_pos,
+                   **masks):
+    """Backend ``lse_prefix_bwd`` callable; see ``prefix.lse_prefix_bwd``."""
+    return _load("prefix").lse_prefix_bwd(query, keys, scale, dims, row_scale, col_scale, labels,
+                                          row_classes, col_classes, exclude_self, row_lse,
+                                          col_lse, grad_row, grad_col, grad_pos, **masks)
+
+
+def sigmoid_prefix_fwd(query, keys, scale, bias, dims, row_scale, col_scale, row_classes,
+                       col_classes, diagonal):
+    """Backend ``sigmoid_prefix_fwd`` callable; see ``prefix.sigmoid_prefix_fwd``."""
+    return _load("prefix").sigmoid_prefix_fwd(query, keys, scale, bias, dims, row_scale,
+                                              col_scale, row_classes, col_classes, diagonal)
+
+
+def sigmoid_prefix_bwd(query, keys, scale, bias, dims, row_scale, col_scale, row_classes,
+                       col_classes, diagonal, grad_row):
+    """Backend ``sigmoid_prefix_bwd`` callable; see ``prefix.sigmoid_prefix_bwd``."""
+    return _load("prefix").sigmoid_prefix_bwd(query, keys, scale, bias, dims, row_scale,
+                                              col_scale, row_classes, col_classes, diagonal,
+                                              grad_row)
