@@ -8,6 +8,9 @@ VENV       ?= .venv
 # Pinned for the dev environment: the CPU wheel installs in seconds here; an unpinned torch pulls
 # several GB of CUDA packages. On a GPU machine pass e.g. TORCH_SPEC="torch==2.11.0".
 TORCH_SPEC ?= torch==2.13.0
+# The torchvision built against TORCH_SPEC, for open_clip's trainer (tests/test_open_clip_trainer.py).
+TORCHVISION_SPEC ?= torchvision==0.28.0
+TRAINER_SITE     := $(VENV)/open_clip_trainer
 MAX_JOBS   ?= 2
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.ck-installed
@@ -23,10 +26,15 @@ $(STAMP): $(NATIVE_SRC)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy setuptools wheel ninja
 	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install -q --no-build-isolation -e ".[test,bench,experiments]"
-	@# open_clip is used only through its loss.py (parity tests, the open_clip providers); --no-deps
-	@# keeps torchvision and a second torch out. Installed last: pip's resolver would otherwise print
-	@# a (harmless) ERROR about open_clip's missing torchvision at every later install.
+	@# open_clip is used through its loss.py (parity tests, the open_clip providers) and its trainer;
+	@# --no-deps keeps a second torch out. Installed last: pip's resolver would otherwise print a
+	@# (harmless) ERROR about open_clip's missing torchvision at every later install.
 	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
+	@# The trainer's own imports go to a directory of their own, on the path of the trainer test's
+	@# subprocesses only: the torchvision wheel on offer for a CPU torch here is a CUDA build that
+	@# fails to import, and transformers (sentence-transformers) imports any torchvision it sees.
+	$(PY) -m pip install -q --no-deps --target $(TRAINER_SITE) "$(TORCHVISION_SPEC)" ftfy wcwidth \
+		braceexpand webdataset
 	touch $(STAMP)
 
 setup: $(STAMP)

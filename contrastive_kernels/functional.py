@@ -399,19 +399,8 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scal
     if labels is not None:
         classes = _checks.check_int_vector("labels", labels, n, image_features.device)
     mrl = _matryoshka(matryoshka_dims, matryoshka_weights, matryoshka_normalize, image_features)
-    if mrl is None:
-        rows = sigmoid_rows(image_features, text_features, scale, bias, classes, classes,
-                            classes is None, backend)
-    else:
-        dims, weights, normalize = mrl
-        name = backends.resolve(backend, image_features.device, image_features.dtype,
-                                backends.features_of(sigmoid=True, prefix=True))
-        r = _inverse_prefix_norms(image_features, dims) if normalize else None
-        c = _inverse_prefix_norms(text_features, dims) if normalize else None
-        rows = _weighted(ops.sigmoid_prefix_fwd(image_features.contiguous(),
-                                                text_features.contiguous(), scale, bias, list(dims),
-                                                r, c, classes, classes, classes is None, name),
-                         weights)
+    rows = sigmoid_rows(image_features, text_features, scale, bias, classes, classes,
+                        classes is None, backend, mrl)
     if reduction == "mean":
         return rows.sum() / n
     return _checks.reduce(rows, reduction)
@@ -481,10 +470,21 @@ def distill_clip_loss(image_features: Tensor, text_features: Tensor, logit_scale
 
 def sigmoid_rows(image_features: Tensor, text_features: Tensor, scale: Tensor, bias: Tensor,
                  row_classes: Optional[Tensor], col_classes: Optional[Tensor], diagonal: bool,
-                 backend: str) -> Tensor:
+                 backend: str, mrl=None) -> Tensor:
     """The sigmoid op on validated inputs: per-row sums (N,) of softplus(−z·(S + b)); the blocks
-    of the distributed SigLIP losses call it with ``diagonal=False`` (negatives only)."""
+    of the distributed SigLIP losses call it with ``diagonal=False`` (negatives only). With
+    ``mrl`` (validated Matryoshka settings) the rows are the weighted sums over the prefixes."""
+    if mrl is None:
+        name = backends.resolve(backend, image_features.device, image_features.dtype,
+                                backends.features_of(sigmoid=True))
+        return ops.sigmoid_fwd(image_features.contiguous(), text_features.contiguous(), scale,
+                               bias, row_classes, col_classes, diagonal, name)
+    dims, weights, normalize = mrl
     name = backends.resolve(backend, image_features.device, image_features.dtype,
-                            backends.features_of(sigmoid=True))
-    return ops.sigmoid_fwd(image_features.contiguous(), text_features.contiguous(), scale, bias,
-                           row_classes, col_classes, diagonal, name)
+                            backends.features_of(sigmoid=True, prefix=True))
+    r = _inverse_prefix_norms(image_features, dims) if normalize else None
+    c = _inverse_prefix_norms(text_features, dims) if normalize else None
+    per_prefix = ops.sigmoid_prefix_fwd(image_features.contiguous(), text_features.contiguous(),
+                                        scale, bias, list(dims), r, c, row_classes, col_classes,
+                                        diagonal, name)
+    return _weighted(per_prefix, weights)

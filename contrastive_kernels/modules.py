@@ -27,12 +27,6 @@ class _Matryoshka:
         return dict(matryoshka_dims=self.matryoshka_dims, matryoshka_weights=self.matryoshka_weights,
                     matryoshka_normalize=self.matryoshka_normalize)
 
-    def _no_distributed_matryoshka(self, world_size: int, how: str) -> None:
-        if self.matryoshka_dims is not None and world_size > 1:
-            raise NotImplementedError(
-                f"{type(self).__name__}: Matryoshka dims with world_size > 1 {how} are not "
-                "implemented yet")
-
 
 class InfoNCELoss(_Matryoshka, nn.Module):
     """Module form of :func:`contrastive_kernels.info_nce`.
@@ -91,8 +85,6 @@ class ClipLoss(_Matryoshka, nn.Module):
                  matryoshka_dims=None, matryoshka_weights=None, matryoshka_normalize: bool = True):
         super().__init__()
         self._set_matryoshka(matryoshka_dims, matryoshka_weights, matryoshka_normalize)
-        if ring:
-            self._no_distributed_matryoshka(world_size, "and ring=True (use the gather path)")
         if use_horovod:
             raise NotImplementedError("ClipLoss(use_horovod=True) is not supported; use "
                                       "torch.distributed")
@@ -134,8 +126,8 @@ class ClipLoss(_Matryoshka, nn.Module):
             from . import distributed
             distributed.check_rank_world(self.rank, self.world_size)
             if self.ring:
-                loss = distributed.ring_clip_loss(image_features, text_features, logit_scale, logit_bias,
-                                        backend=self.backend)
+                loss = distributed.ring_clip_loss(image_features, text_features, logit_scale,
+                                                  logit_bias, backend=self.backend, **self._mrl())
             else:
                 labels = (self._local_labels(image_features.shape[0], image_features.device)
                           if self.local_loss else None)
@@ -294,7 +286,9 @@ class SigLipLoss(_Matryoshka, nn.Module):
     With DDP averaging the parameter gradients over W ranks, the towers and ``logit_scale`` end up
     with ∂(Σ_r L_r / W)/∂θ — the gradient of the mean per-rank loss, consistently for every
     parameter (unlike the CLIP loss's default, see ``ClipLoss``).
-    ``cache_labels`` is accepted for compatibility; there are no label matrices to cache.
+    Matryoshka dims work in every ``dist_impl`` (the ring carries each text block's inverse prefix
+    norms with it). ``cache_labels`` is accepted for compatibility; there are no label matrices to
+    cache.
     """
 
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
@@ -302,7 +296,6 @@ class SigLipLoss(_Matryoshka, nn.Module):
                  matryoshka_weights=None, matryoshka_normalize: bool = True):
         super().__init__()
         self._set_matryoshka(matryoshka_dims, matryoshka_weights, matryoshka_normalize)
-        self._no_distributed_matryoshka(world_size, "(the SigLIP ring)")
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a positive int, got {world_size!r}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
@@ -327,5 +320,5 @@ class SigLipLoss(_Matryoshka, nn.Module):
             distributed.check_rank_world(self.rank, self.world_size, what="SigLipLoss")
             loss = distributed.distributed_siglip_loss(
                 image_features, text_features, logit_scale, logit_bias,
-                dist_impl=self.dist_impl, backend=self.backend)
+                dist_impl=self.dist_impl, backend=self.backend, **self._mrl())
         return {"contrastive_loss": loss} if output_dict else loss

@@ -128,25 +128,38 @@ def _check_open_clip_parity(rank, w, oc):
         _check_matryoshka_gathered(tag, kw, img, txt, scale)
 
 
+def _prefix_loop(make_loss, dims, weights, normalize):
+    """Σ_t w_t·loss(x[:, :d_t]) by a loop of separate calls (the Matryoshka oracle)."""
+    cut = ((lambda x, d: torch.nn.functional.normalize(x[:, :d], dim=1)) if normalize
+           else (lambda x, d: x[:, :d]))
+    return lambda i, t, *sb: sum(w * make_loss()(cut(i, d), cut(t, d), *sb)
+                                 for d, w in zip(dims, weights))
+
+
 def _check_matryoshka_gathered(tag, kw, img, txt, scale):
     # every prefix from one sweep on the gathered features = the sum over prefixes of the
     # distributed ClipLoss (checked above against open_clip) on normalised prefixes, per rank
     dims, weights = (3, 7), (2.0, 0.5)
-    unit = lambda x, d: torch.nn.functional.normalize(x[:, :d], dim=1)  # noqa: E731
     fused = _run(ck.ClipLoss(**kw, backend="chunked", matryoshka_dims=dims,
                              matryoshka_weights=weights), img, txt, scale)
-    loop = _run(lambda i, t, s: sum(w * ck.ClipLoss(**kw, backend="chunked")(unit(i, d), unit(t, d), s)
-                                    for d, w in zip(dims, weights)), img, txt, scale)
+    loop = _run(_prefix_loop(lambda: ck.ClipLoss(**kw, backend="chunked"), dims, weights, True),
+                img, txt, scale)
     for name, a, b in zip(("loss", "grad image", "grad text", "grad logit_scale"), fused, loop):
         _close(a, b, f"{tag} Matryoshka vs the per-prefix loop: {name}")
 
 
-def _check_ring_equals_gather(rank, w):
+def _ring_setup(seed, rank, w, scale):
+    """(img_all, txt_all, this rank's img, txt, scale, the ring's ClipLoss kwargs), N=6, D=9."""
     n, d = 6, 9
-    img_all, txt_all = _features(2, [n] * w, d)
+    img_all, txt_all = _features(seed, [n] * w, d)
     img, txt = _rows(img_all, [n] * w, rank), _rows(txt_all, [n] * w, rank)
-    scale = torch.tensor(31.0, dtype=torch.float64)
     kw = dict(local_loss=True, gather_with_grad=True, rank=rank, world_size=w, backend="chunked")
+    return img_all, txt_all, img, txt, torch.tensor(scale, dtype=torch.float64), kw
+
+
+def _check_ring_equals_gather(rank, w):
+    n = 6
+    img_all, txt_all, img, txt, scale, kw = _ring_setup(2, rank, w, 31.0)
     gath = _run(ck.ClipLoss(**kw), img, txt, scale)
     ring = _run(ck.ClipLoss(**kw, ring=True), img, txt, scale, torch.tensor(0.7, dtype=torch.float64))
     mod = _run(ckd.RingClipLoss(backend="chunked"), img, txt, scale)
@@ -165,6 +178,38 @@ def _check_ring_equals_gather(rank, w):
     exact = _run(ckd.RingClipLoss(backend="chunked", exact_scale_grad=True), img, txt, scale)
     for name, a, b in zip(("loss", "grad image", "grad text", "grad logit_scale"), exact[:4], gath[:4]):
         _close(a, b, f"W={w} rank={rank} exact_scale_grad ring vs gather: {name}")
+
+
+def _check_matryoshka_ring(rank, w):
+    # the ring with every prefix from its two passes = the loop over prefixes of the gathered
+    # (True, True) ClipLoss, checked against open_clip above; Σ_r of the scale gradient agrees
+    # (each rank holds its share), and exactly per rank with exact_scale_grad
+    n, d = 6, 9
+    _, _, img, txt, scale, kw = _ring_setup(21, rank, w, 23.0)
+    dims, weights = (2, 5, 9), (1.0, 0.25, 2.0)
+    mrl = dict(matryoshka_dims=dims, matryoshka_weights=weights)
+    for normalize in (True, False):
+        tag = f"W={w} rank={rank} Matryoshka ring normalize={normalize}"
+        loop = _run(_prefix_loop(lambda: ck.ClipLoss(**kw), dims, weights, normalize), img, txt,
+                    scale)
+        ring = _run(ck.ClipLoss(**kw, ring=True, **mrl, matryoshka_normalize=normalize), img, txt,
+                    scale)
+        exact = _run(lambda i, t, s: ckd.ring_clip_loss(i, t, s, backend="chunked",
+                                                        exact_scale_grad=True, **mrl,
+                                                        matryoshka_normalize=normalize),
+                     img, txt, scale)
+        for name, a, b in zip(("loss", "grad image", "grad text"), ring[:3], loop[:3]):
+            _close(a, b, f"{tag}: {name}")
+        _close(_all_reduce_sum(ring[3]), _all_reduce_sum(loop[3]), f"{tag}: Σ_r grad logit_scale")
+        for name, a, b in zip(("loss", "grad image", "grad text", "grad logit_scale"), exact[:4],
+                              loop[:4]):
+            _close(a, b, f"{tag} exact_scale_grad: {name}")
+    # O(N·(D + k)) per rank: the travelling accumulator holds a block's key gradient and its k
+    # column sums, never the gathered (W·N, D) features
+    i, t, s = _leaf(img), _leaf(txt), _leaf(scale)
+    with _MaxNumel() as probe:
+        ckd.ring_clip_loss(i, t, s, backend="chunked", **mrl).backward()
+    assert probe.max_numel <= n * (d + len(dims)), f"Matryoshka ring made {probe.max_numel}"
 
 
 def _check_ring_uneven(rank, w):
@@ -375,6 +420,27 @@ def _check_siglip_parity(rank, w, oc):
     assert gather_probe.max_numel >= w * n * d, "the probe should see the gathered texts"
 
 
+def _check_matryoshka_siglip(rank, w):
+    # every dist_impl with every prefix from one sweep = the loop over prefixes of the same
+    # distributed SigLipLoss (checked against open_clip above): loss and all four gradients
+    n, d = 5, 8
+    img_all, txt_all = _features(22, [n] * w, d)
+    img, txt = _rows(img_all, [n] * w, rank), _rows(txt_all, [n] * w, rank)
+    s, b = torch.tensor(12.0, dtype=torch.float64), torch.tensor(-6.5, dtype=torch.float64)
+    dims, weights = (3, 4, 8), (0.5, 1.0, 2.0)
+    for impl in ("bidir", "shift", "reduce", "gather"):
+        kw = dict(rank=rank, world_size=w, dist_impl=impl, backend="chunked")
+        for normalize in (True, False):
+            tag = f"SigLIP W={w} rank={rank} {impl} Matryoshka normalize={normalize}"
+            loop = _run(_prefix_loop(lambda: ck.SigLipLoss(**kw), dims, weights, normalize),
+                        img, txt, s, b)
+            ours = _run(ck.SigLipLoss(**kw, matryoshka_dims=dims, matryoshka_weights=weights,
+                                      matryoshka_normalize=normalize), img, txt, s, b)
+            for name, x, y in zip(("loss", "grad image", "grad text", "grad logit_scale",
+                                   "grad logit_bias"), ours, loop):
+                _close(x, y, f"{tag}: {name}")
+
+
 def _check_distill_parity(rank, w, oc):
     # open_clip's DistillClipLoss in all four settings: the teacher gathered like the student, its
     # features and scale requiring grad (open_clip does not detach the teacher)
@@ -408,9 +474,10 @@ def _check_distill_parity(rank, w, oc):
 CHECKS = {
     "open_clip": _check_open_clip_parity,
     "distill": _check_distill_parity,
-    "siglip": _check_siglip_parity,
+    "siglip": lambda r, w, oc: (_check_siglip_parity(r, w, oc), _check_matryoshka_siglip(r, w)),
     "ring": lambda r, w, oc: (_check_ring_equals_gather(r, w), _check_ring_uneven(r, w),
-                              _check_ring_float32(r, w), _check_ring_memory(r, w)),
+                              _check_ring_float32(r, w), _check_ring_memory(r, w),
+                              _check_matryoshka_ring(r, w)),
     "errors_ddp_gamma": lambda r, w, oc: (_check_errors(r, w), _check_ddp_semantics(r, w),
                                           _check_gamma(r, w)),
 }

@@ -170,3 +170,17 @@ def key_packets(sizes: Sequence[tuple[int, int, int]], keys: Tensor):
     """``receive`` for a packet of keys alone: ``[empty (M_b, D)]`` of rank b."""
     block = key_blocks(sizes, keys)
     return lambda b: [block(b)]
+
+
+def keys_and_factors(keys: Tensor, col_scale) -> list:
+    """The packet of this rank's block: its keys and, with Matryoshka, their (M, k) per-prefix
+    column factors, which travel with them."""
+    return [keys] if col_scale is None else [keys, col_scale.contiguous()]
+
+
+def receive_keys_and_factors(sizes: Sequence[tuple[int, int, int]], keys: Tensor, col_scale):
+    """``receive`` for :func:`keys_and_factors` packets: empty tensors shaped like rank b's."""
+    blocks = key_packets(sizes, keys)
+    if col_scale is None:
+        return blocks
+    return lambda b: blocks(b) + [col_scale.new_empty((sizes[b][1], col_scale.shape[1]))]

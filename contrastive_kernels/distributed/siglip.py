@@ -22,7 +22,8 @@ from torch import Tensor
 
 from .. import _checks, backends, functional, ops
 from .._types import stat_dtype
-from ._comm import (Ring, exchange_sizes, key_blocks, key_packets, require_initialized,
+from ._comm import (Ring, exchange_sizes, keys_and_factors, receive_keys_and_factors,
+                    require_initialized,
                     ring_visit, ring_visit_accumulating)
 
 __all__ = ["distributed_siglip_loss", "DIST_IMPLS"]
@@ -31,59 +32,91 @@ DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
 
 class _RingSigmoid(torch.autograd.Function):
-    """Per-row sums (N,) of the sigmoid terms of this rank's images against every rank's texts
-    (diagonal positives in the own block, negatives elsewhere), by one ring pass each way."""
+    """Per-row sums of the sigmoid terms of this rank's images against every rank's texts
+    (diagonal positives in the own block, negatives elsewhere), by one ring pass each way: (N,),
+    or with Matryoshka ``dims`` (k, N), one row of sums per prefix (``row_scale`` (N, k) and
+    ``col_scale`` (M, k), the inverse prefix norms or None, are differentiable inputs; each text
+    block travels with its own column factors)."""
 
     @staticmethod
-    def forward(ctx, image, text, scale, bias, backend, group, sizes):
+    def forward(ctx, image, text, scale, bias, row_scale, col_scale, dims, backend, group, sizes):
         ring = Ring(group)
         total = []
 
-        def visit(b, block):
-            total.append(ops.sigmoid_fwd(image, block, scale, bias, None, None, b == ring.rank,
-                                         backend))
+        def visit(b, block, block_scale=None):
+            if dims is None:
+                total.append(ops.sigmoid_fwd(image, block, scale, bias, None, None,
+                                             b == ring.rank, backend))
+            else:
+                total.append(ops.sigmoid_prefix_fwd(image, block, scale, bias, dims, row_scale,
+                                                    block_scale, None, None, b == ring.rank,
+                                                    backend))
 
-        ring_visit(ring, [text], key_packets(sizes, text), visit)
-        ctx.save_for_backward(image, text, scale, bias)
-        ctx.backend, ctx.group, ctx.sizes = backend, group, sizes
+        ring_visit(ring, keys_and_factors(text, col_scale), receive_keys_and_factors(sizes, text, col_scale), visit)
+        ctx.save_for_backward(image, text, scale, bias, row_scale, col_scale)
+        ctx.dims, ctx.backend, ctx.group, ctx.sizes = dims, backend, group, sizes
         return torch.stack(total).sum(0)
 
     @staticmethod
     def backward(ctx, grad_rows):
-        image, text, scale, bias = ctx.saved_tensors
-        ring = Ring(ctx.group)
+        image, text, scale, bias, row_scale, col_scale = ctx.saved_tensors
+        ring, dims, sizes = Ring(ctx.group), ctx.dims, ctx.sizes
+        n, d = image.shape
+        k = 0 if dims is None else len(dims)
         st = stat_dtype(image.dtype)
         grad_rows = grad_rows.to(st).contiguous()
         grad_image = torch.zeros(image.shape, dtype=st, device=image.device)
         grad_bias = bias.new_zeros((), dtype=st)
+        row_dot = grad_image.new_zeros((k, n))
 
-        def visit(b, block):
+        def visit(b, block, block_scale=None):
             nonlocal grad_bias
-            gq, gk, gb = ops.sigmoid_bwd(image, block, scale, bias, None, None, b == ring.rank,
-                                         grad_rows, ctx.backend)
+            diagonal = b == ring.rank
+            if dims is None:
+                gq, gk, gb = ops.sigmoid_bwd(image, block, scale, bias, None, None, diagonal,
+                                             grad_rows, ctx.backend)
+                col_dot = gk.new_empty(0)
+            else:
+                gq, gk, rd, col_dot, gb = ops.sigmoid_prefix_bwd(
+                    image, block, scale, bias, dims, row_scale, block_scale, None, None, diagonal,
+                    grad_rows, ctx.backend)
+                row_dot.add_(rd)
             grad_image.add_(gq)
             grad_bias = grad_bias + gb.sum()
-            return gk.to(st)
+            # the block's text gradient and (Matryoshka) Σ_i G·S per column travel home together
+            return torch.cat([gk.to(st).reshape(-1), col_dot.to(st).reshape(-1)])
 
-        # each block's text gradient travels home behind it, summed over the ranks it visits
-        grad_text = ring_visit_accumulating(ring, [text], key_packets(ctx.sizes, text), visit,
-                                            key_blocks(ctx.sizes, text, st), torch.Tensor.add_)
-        # ∂L_r/∂s = Σ over every block of Σ_i ⟨dQ_i, q_i⟩ / s: all local (our image rows)
-        grad_scale = ((grad_image * image.to(st)).sum() / scale.to(st)).to(scale.dtype)
-        return (grad_image.to(image.dtype), grad_text.to(text.dtype),
-                grad_scale.reshape(scale.shape), grad_bias.to(bias.dtype).reshape(bias.shape),
-                None, None, None)
+        acc = ring_visit_accumulating(
+            ring, keys_and_factors(text, col_scale), receive_keys_and_factors(sizes, text, col_scale), visit,
+            lambda b: text.new_empty((sizes[b][1] * (d + k),), dtype=st), torch.Tensor.add_)
+        m = text.shape[0]
+        grad_text = acc[:m * d].view(m, d)
+        # ∂L_r/∂s = Σ over every block of Σ_ij G·S / s: all local (every term has our image rows)
+        gs = (grad_image * image.to(st)).sum() if dims is None else row_dot.sum()
+        grad_scale = (gs / scale.to(st)).to(scale.dtype).reshape(scale.shape)
+        # S^t is linear in each factor: ∂L/∂r_it = Σ_j G^t_ij·S^t_ij / r_it, likewise the columns
+        grad_r = None if row_scale is None else (row_dot.T / row_scale.to(st)).to(row_scale.dtype)
+        grad_c = None
+        if col_scale is not None:
+            grad_c = (acc[m * d:].view(k, m).T / col_scale.to(st)).to(col_scale.dtype)
+        return (grad_image.to(image.dtype), grad_text.to(text.dtype), grad_scale,
+                grad_bias.to(bias.dtype).reshape(bias.shape), grad_r, grad_c,
+                None, None, None, None)
 
 
 def distributed_siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale,
                             logit_bias=None, *, dist_impl: str = "bidir", backend: str = "auto",
-                            group=None) -> Tensor:
+                            group=None, matryoshka_dims=None, matryoshka_weights=None,
+                            matryoshka_normalize: bool = True) -> Tensor:
     """open_clip's distributed ``SigLipLoss`` value on this rank (module docstring), fused.
 
     Args:
         image_features, text_features: (N, D) this rank's pairs; every rank holds the same N.
         logit_scale, logit_bias: s and b (gets their exact per-rank gradients ∂L_r/∂s, ∂L_r/∂b).
         dist_impl: "bidir" | "shift" (ring, O(N·D)) | "gather" | "reduce".
+        matryoshka_dims, matryoshka_weights, matryoshka_normalize: as ``siglip_loss``: the
+            weighted sum over prefixes of this rank's loss, every prefix from the same sweep
+            (each text block carries its (M, k) inverse prefix norms around the ring).
     """
     require_initialized("SigLipLoss")
     if dist_impl not in DIST_IMPLS:
@@ -98,21 +131,20 @@ def distributed_siglip_loss(image_features: Tensor, text_features: Tensor, logit
         raise ValueError(f"SigLipLoss needs the same batch size on every rank (open_clip "
                          f"normalises each rank's loss by its N); got (N, M, D) per rank {sizes}")
     w, rank = dist.get_world_size(group), dist.get_rank(group)
+    mrl = functional._matryoshka(matryoshka_dims, matryoshka_weights, matryoshka_normalize,
+                                 image_features)
     if dist_impl in ("bidir", "shift"):
-        name = backends.resolve(backend, image_features.device, image_features.dtype,
-                                backends.features_of(sigmoid=True))
-        rows = _RingSigmoid.apply(image_features.contiguous(), text_features.contiguous(), scale,
-                                  bias, name, group, sizes)
-        return rows.sum() / n
+        return _ring_rows(image_features, text_features, scale, bias, mrl, backend, group,
+                          sizes).sum() / n
     rows = functional.sigmoid_rows(image_features, text_features, scale, bias, None, None, True,
-                                   backend)
+                                   backend, mrl)
     loss = rows.sum() / n
     if dist_impl == "gather":
         from torch.distributed.nn import functional as dist_nn
         all_text = dist_nn.all_gather(text_features, group=group)
         for i, other in enumerate(all_text):
             if i != rank:
-                loss = loss + _negatives(image_features, other, scale, bias, backend) / n
+                loss = loss + _negatives(image_features, other, scale, bias, backend, mrl) / n
             else:  # keep the slot in the graph: the all_gather backward is one collective
                 loss = loss + 0 * other.sum()
         return loss
@@ -120,13 +152,31 @@ def distributed_siglip_loss(image_features: Tensor, text_features: Tensor, logit
     for i in range(w):
         other = dist_nn.all_reduce(text_features * (rank == i), op=dist.ReduceOp.SUM, group=group)
         if i != rank:
-            loss = loss + _negatives(image_features, other, scale, bias, backend) / n
+            loss = loss + _negatives(image_features, other, scale, bias, backend, mrl) / n
         else:  # every rank must run every all_reduce's backward (it is a collective)
             loss = loss + 0 * other.sum()
     return loss
 
 
-def _negatives(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor, backend: str) -> Tensor:
-    """Σ over all pairs of softplus(s·img·txt + b): every pair a negative."""
-    return functional.sigmoid_rows(image, text, scale, bias, None, None, False, backend).sum()
+def _negatives(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor, backend: str,
+               mrl) -> Tensor:
+    """Σ over all pairs of softplus(s·img·txt + b): every pair a negative (Matryoshka: weighted
+    over the prefixes)."""
+    return functional.sigmoid_rows(image, text, scale, bias, None, None, False, backend, mrl).sum()
 
+
+def _ring_rows(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor, mrl, backend: str, group,
+               sizes) -> Tensor:
+    """This rank's per-image sums (N,) over every rank's texts, by the ring."""
+    dims = r = c = None
+    if mrl is not None:
+        dims, weights, normalize = mrl
+        dims = list(dims)
+        if normalize:
+            r = functional._inverse_prefix_norms(image, mrl[0])
+            c = functional._inverse_prefix_norms(text, mrl[0])
+    name = backends.resolve(backend, image.device, image.dtype,
+                            backends.features_of(sigmoid=True, prefix=mrl is not None))
+    rows = _RingSigmoid.apply(image.contiguous(), text.contiguous(), scale, bias, r, c, dims, name,
+                              group, sizes)
+    return rows if mrl is None else functional._weighted(rows, mrl[1])
