@@ -126,12 +126,22 @@ def _register_fakes() -> None:
                 query.new_empty(k, n, dtype=st), query.new_empty(k, m, dtype=st),
                 query.new_empty(k, n, dtype=st))
 
+    # the soft-target ops take the public ops' arguments less ``backend``: their fakes serve
+    def fake_soft_xent_fwd(*args):
+        from .ops.soft_xent import _soft_xent_fwd_fake
+        return _soft_xent_fwd_fake(*args, None)
+
+    def fake_soft_xent_bwd(*args):
+        from .ops.soft_xent import _soft_xent_bwd_fake
+        return _soft_xent_bwd_fake(*args, None)
+
     for name, fn in (("lse_fwd", fake_lse_fwd), ("lse_bwd", fake_lse_bwd),
                      ("sigmoid_fwd", fake_sigmoid_fwd), ("sigmoid_bwd", fake_sigmoid_bwd),
                      ("lse_prefix_fwd", fake_lse_prefix_fwd),
                      ("lse_prefix_bwd", fake_lse_prefix_bwd),
                      ("sigmoid_prefix_fwd", fake_sigmoid_prefix_fwd),
-                     ("sigmoid_prefix_bwd", fake_sigmoid_prefix_bwd)):
+                     ("sigmoid_prefix_bwd", fake_sigmoid_prefix_bwd),
+                     ("soft_xent_fwd", fake_soft_xent_fwd), ("soft_xent_bwd", fake_soft_xent_bwd)):
         if not hasattr(torch.ops.ck_native, name):  # an older build without this op
             continue
         try:

@@ -410,7 +410,8 @@ def soft_cross(query: Tensor, keys: Tensor, scale: Tensor, t_query: Tensor, t_ke
                t_scale: Tensor, t_row_lse: Tensor, t_col_lse: Optional[Tensor],
                backend: str) -> tuple[Tensor, Tensor]:
     """The soft-target op on validated inputs: (row_cross (N,), col_cross (M,) or (0,))."""
-    name = backends.resolve(backend, query.device, query.dtype,
+    # a float64 teacher keeps auto off the GPU kernels (32- and 16-bit only), as float64 inputs do
+    name = backends.resolve(backend, query.device, torch.promote_types(query.dtype, t_query.dtype),
                             backends.features_of(soft_xent=True))
     compute_col = t_col_lse is not None
     return ops.soft_xent_fwd(query.contiguous(), keys.contiguous(), scale, t_query.contiguous(),

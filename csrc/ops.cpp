@@ -110,6 +110,26 @@ TORCH_LIBRARY(ck_native, m) {
       " Tensor? row_scale, Tensor? col_scale, Tensor? row_classes, Tensor? col_classes,"
       " bool diagonal, Tensor grad_row) -> (Tensor grad_query, Tensor grad_keys, Tensor row_dot,"
       " Tensor col_dot, Tensor grad_bias_row)");
+  // Soft-target cross-entropy family (csrc/cpu/soft_xent_cpu.cpp; CPU kernels only, like the
+  // prefix ops): the student S = s·Q·Kᵀ and the teacher T = t·A·Bᵀ, A = t_query (N, Dt),
+  // B = t_keys (M, Dt), contiguous, one dtype of the four (it may differ from the student's; Dt
+  // may differ from D), converted to the student's statistic dtype st; t_scale like scale; the
+  // teacher's log-sum-exp t_row_lse (N,) / t_col_lse (M,) in st (t_col_lse read only when
+  // compute_col, resp. grad_col, is given). With p = exp(T − t_row_lse_i) and
+  // p' = exp(T − t_col_lse_j):
+  //   row_cross_i = Σ_j p_ij·S_ij; col_cross_j = Σ_i p'_ij·S_ij ((0,) unless compute_col).
+  //   soft_xent_bwd: G^S = grad_row_i·p + grad_col_j·p', G^T = G^S ⊙ S; grad_query = s·G^S·K,
+  //            grad_keys = s·G^Sᵀ·Q, grad_t_query = t·G^T·B, grad_t_keys = t·G^Tᵀ·A (both (0,)
+  //            unless teacher_grad). Contract: contrastive_kernels/backends/_soft_xent.py.
+  m.def(
+      "soft_xent_fwd(Tensor query, Tensor keys, Tensor scale, Tensor t_query, Tensor t_keys,"
+      " Tensor t_scale, Tensor t_row_lse, Tensor t_col_lse, bool compute_col)"
+      " -> (Tensor row_cross, Tensor col_cross)");
+  m.def(
+      "soft_xent_bwd(Tensor query, Tensor keys, Tensor scale, Tensor t_query, Tensor t_keys,"
+      " Tensor t_scale, Tensor t_row_lse, Tensor t_col_lse, Tensor? grad_row, Tensor? grad_col,"
+      " bool teacher_grad)"
+      " -> (Tensor grad_query, Tensor grad_keys, Tensor grad_t_query, Tensor grad_t_keys)");
   // No tensor argument to dispatch on: a catch-all kernel (the CPU kernels are always built).
   m.def("cpu_isa() -> str", &ck::cpu::cpu_isa);
 }

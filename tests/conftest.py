@@ -47,6 +47,22 @@ def _backend_fixture(request, monkeypatch):
     return name
 
 
+@pytest.fixture
+def split_spy(monkeypatch):
+    """The column splits the Triton launches plan, in call order (one ``tuning.plan_split`` call
+    per launch): tests that force splits check here that a launch really split."""
+    from contrastive_kernels.backends.triton import tuning
+    planned = []
+    real = tuning.plan_split
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        planned.append(out[0])
+        return out
+    monkeypatch.setattr(tuning, "plan_split", spy)
+    return planned
+
+
 @pytest.fixture(params=["reference", "chunked", "chunked-tiny", "cpu"])
 def backend(request, monkeypatch):
     """Every CPU-runnable backend (cpu skips locally when not built, fails in CI)."""

@@ -45,6 +45,28 @@ def require_backend(name: str) -> None:
     pytest.skip(message)
 
 
+def assert_cuda_kernels_lack(monkeypatch, feature: str) -> None:
+    """The CUDA C++ kernels lack ``feature``: on a (pretended) CUDA device an explicit request names
+    it in a NotImplementedError, and ``auto`` picks chunked (triton made unavailable)."""
+    from contrastive_kernels import backends
+    monkeypatch.setattr(backends, "availability", lambda name: (name != "triton", ""))
+    monkeypatch.setattr(backends, "device_ok", lambda name, device: (True, ""))
+    dev = torch.device("cuda")
+    assert backends.resolve("auto", dev, torch.float32, feature) == "chunked"
+    with pytest.raises(NotImplementedError, match=feature):
+        backends.resolve("cuda", dev, torch.float32, feature)
+
+
+def triton_interpreter_module():
+    """The gate of a module of Triton tests on CPU tensors: returns triton, or skips the module
+    when triton is absent or its interpreter is off (conftest.py turns it on where no GPU is)."""
+    triton = pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":  # CPU tensors: the interpreter only
+        pytest.skip("these tests run CPU tensors under triton's interpreter (TRITON_INTERPRET=1)",
+                    allow_module_level=True)
+    return triton
+
+
 # ---------------------------------------------------------------------------------------------
 # tolerances
 # ---------------------------------------------------------------------------------------------

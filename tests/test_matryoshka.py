@@ -9,7 +9,7 @@ import torch
 
 import contrastive_kernels as ck
 from contrastive_kernels import reference
-from helpers import make_features
+from helpers import assert_cuda_kernels_lack, make_features
 from test_conformance import _class_labels, _views, conform
 
 F64 = torch.float64
@@ -149,14 +149,7 @@ def test_modules_take_the_same_arguments():
 
 
 def test_backends_without_the_prefix_families_say_so(monkeypatch):
-    # the CUDA C++ kernels lack them: an explicit request names the feature, auto never picks them
-    from contrastive_kernels import backends
-    monkeypatch.setattr(backends, "availability", lambda name: (name != "triton", ""))
-    monkeypatch.setattr(backends, "device_ok", lambda name, device: (True, ""))
-    dev = torch.device("cuda")
-    assert backends.resolve("auto", dev, torch.float32, "prefix") == "chunked"
-    with pytest.raises(NotImplementedError, match="prefix"):
-        backends.resolve("cuda", dev, torch.float32, "prefix")
+    assert_cuda_kernels_lack(monkeypatch, "prefix")
 
 
 @pytest.mark.parametrize("dims,weights,error,match", [

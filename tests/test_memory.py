@@ -195,6 +195,40 @@ def test_matryoshka_is_not_quadratic(backend, n, control_16384):
         f"{control_16384['extra_bytes'] / MIB:.0f} MiB for one N×M matrix)")
 
 
+_DISTILL_SETUP = """
+import torch
+import contrastive_kernels as ck
+backend, n, d, dt = {backend!r}, {n}, {d}, {dt}
+g = torch.Generator().manual_seed(0)
+unit = lambda k: torch.nn.functional.normalize(torch.randn(n, k, generator=g), dim=1)
+x, y = unit(d).requires_grad_(), unit(d).requires_grad_()
+a, b = unit(dt).requires_grad_(), unit(dt).requires_grad_()   # the teacher, its gradients too
+
+def run(m):
+    for t in (x, y, a, b):
+        t.grad = None
+    c, dl = ck.distill_clip_loss(x[:m], y[:m], 20.0, a[:m], b[:m], 30.0, backend=backend)
+    (c + dl).backward()
+    return bool(all(torch.isfinite(t.grad).all() for t in (x, y, a, b)))
+"""
+
+
+@pytest.mark.parametrize("backend,n", [("chunked", 8192), ("cpu", N)])
+def test_distillation_is_not_quadratic(backend, n, control_16384):
+    # the student's and the teacher's logits, their softmax weights and both gradients, forward +
+    # backward with the teacher's gradients: one N×M matrix is 1 GiB at 16384 (the control),
+    # 256 MiB at 8192 (above the bound too; the chunked backend is the slower, hence its N)
+    require_backend(backend)
+    env = {k: v for k, v in os.environ.items() if k != "CK_CHUNK_ELEMENTS"}
+    out = _memprobe.peak_extra_bytes("result = run(n)", setup=_DISTILL_SETUP.format(
+        backend=backend, n=n, d=64, dt=48), warmup="run(64)", env=env, timeout=600)
+    assert out["result"], out
+    assert out["extra_bytes"] < FUSED_BOUND, (
+        f"{backend}: distill_clip_loss at N = M = {n} raised peak RSS by "
+        f"{out['extra_bytes'] / MIB:.0f} MiB (bound {FUSED_BOUND / MIB:.0f} MiB; the control saw "
+        f"{control_16384['extra_bytes'] / MIB:.0f} MiB for one N×M matrix)")
+
+
 _NATIVE_SETUP = """
 import torch
 from contrastive_kernels import _native

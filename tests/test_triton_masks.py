@@ -15,24 +15,17 @@ and float32 rounding of the guide dot cannot flip a decision.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from helpers import assert_relative_rule, triton_interpreter_module
 
-triton = pytest.importorskip("triton")
+triton = triton_interpreter_module()
 
 from contrastive_kernels import reference  # noqa: E402
 from contrastive_kernels.backends import triton as tk  # noqa: E402
 from contrastive_kernels.backends.triton import tuning as tu  # noqa: E402
-from helpers import assert_relative_rule  # noqa: E402
-
-if os.environ.get("TRITON_INTERPRET") != "1":  # CPU tensors below: the interpreter only
-    pytest.skip("these tests run CPU tensors under triton's interpreter (TRITON_INTERPRET=1)",
-                allow_module_level=True)
 
 N, M, D, DG = 37, 133, 13, 7
 SCALE = 10.0
@@ -241,19 +234,6 @@ VARIANTS = {
     "deterministic_gemm": (dict(deterministic=True, gemm_min_rows=16, gemm_budget_bytes=1,
                                 fwd_block_m=16, **SMALL_D), dict(d=37, dg=40), 1, 4),
 }
-
-
-@pytest.fixture
-def split_spy(monkeypatch):
-    planned = []
-    real = tu.plan_split
-
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        planned.append(out[0])
-        return out
-    monkeypatch.setattr(tu, "plan_split", spy)
-    return planned
 
 
 @pytest.mark.parametrize("classes", [False, True], ids=["labels", "classes"])

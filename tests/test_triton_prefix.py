@@ -14,24 +14,17 @@ boundaries: D = 13 with dims (1, 5, 13), D = 40 with dims (8, 16, 40), and k = 1
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from helpers import assert_relative_rule, triton_interpreter_module
 
-triton = pytest.importorskip("triton")
+triton = triton_interpreter_module()
 
 from contrastive_kernels.backends import reference as rb  # noqa: E402
 from contrastive_kernels.backends import triton as tk  # noqa: E402
 from contrastive_kernels.backends.triton import tuning as tu  # noqa: E402
-from helpers import assert_relative_rule  # noqa: E402
-
-if os.environ.get("TRITON_INTERPRET") != "1":  # CPU tensors below: the interpreter only
-    pytest.skip("these tests run CPU tensors under triton's interpreter (TRITON_INTERPRET=1)",
-                allow_module_level=True)
 
 N, M, DG = 37, 133, 7
 SCALE = 10.0
@@ -241,22 +234,14 @@ def test_rejects_bad_dims():
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("n,m", [(37, 300), (290, 37)],
                          ids=["row_launch_split", "col_launch_split"])
-def test_column_splits(n, m, monkeypatch):
+def test_column_splits(n, m, split_spy):
     """Forced column splits (3 asked; aligned to 256 columns: 256 + 44 columns of the 300, 256 +
     34 of the transposed launch's 290): per-split statistics and private gradient slices folded in
     order, for both families. A spy checks that the launches really split."""
-    seen = []
-    plan = tu.plan_split
-
-    def spy(row_blocks, ncols, device, forced):
-        out = plan(row_blocks, ncols, device, forced)
-        seen.append(out[0])
-        return out
-    monkeypatch.setattr(tu, "plan_split", spy)
     kw, grads = problem(seed=11, n=n, m=m, rc=True, labels="rand", exclude_self=True,
                         groups="random")
     check_lse(kw, grads, split=3)
-    assert max(seen) >= 2, seen
+    assert max(split_spy) >= 2, split_spy
     kw, grads = problem(seed=12, n=n, m=m, rc=True, classes=True)
     kw = dict(kw, bias=torch.tensor(-5.0), diagonal=False)
     with tu.tuning(**SMALL, split=3):

@@ -108,21 +108,6 @@ def test_oracle_is_the_reference():
         torch.testing.assert_close(rho, ref, rtol=1e-12, atol=1e-12)
 
 
-@pytest.fixture
-def split_spy(monkeypatch):
-    """Records the column splits every backward launch planned (one call per launch)."""
-    calls = []
-    real = tu.plan_split
-
-    def spy(row_blocks, ncols, device, forced):
-        out = real(row_blocks, ncols, device, forced)
-        calls.append(out[0])
-        return out
-
-    monkeypatch.setattr(tu, "plan_split", spy)
-    return calls
-
-
 def run_and_check(q, k, rc, cc, grad_row, dtype, scale, bias, variant, split_spy):
     overrides, slabs, split = VARIANTS[variant]
     s = torch.tensor(scale, dtype=torch.float32, device=DEV)

@@ -11,10 +11,11 @@ without a GPU:
 1. It makes Triton believe the current device is a GPU of the requested architecture (a stand-in
    driver that only answers "which device / stream / target").
 2. It runs the real host functions of ``contrastive_kernels/backends/triton`` (``forward.lse_fwd``,
-   ``backward.lse_bwd``, ``sigmoid.sigmoid_fwd`` / ``sigmoid_bwd``, ``prefix.*_prefix_fwd/bwd``) on
+   ``backward.lse_bwd``, ``sigmoid.sigmoid_fwd`` / ``sigmoid_bwd``, ``prefix.*_prefix_fwd/bwd``,
+   ``soft_xent.soft_xent_fwd/bwd``) on
    CPU tensors for a matrix of cases (dtypes, D resident vs chunked, labels, exclusion and class
    positives, the in-tile same-group and guide masks, column modes, backward modes, the prefix
-   (Matryoshka) families, round and awkward sizes), with the
+   (Matryoshka) families, distillation's soft-target family, round and awkward sizes), with the
    host planning as on an H100 (132 SMs, so column splits and atomic dQ appear as they would
    there).
 3. Every kernel launch is replaced by ``warmup``: Triton specialises on the real arguments exactly as
@@ -74,13 +75,16 @@ class Case:
     grads: str = "row,col,pos"       # which upstream gradients are non-None
     tuning: dict = field(default_factory=dict)
     fp32_precision: str = "high"     # torch.set_float32_matmul_precision (tf32 vs ieee dots)
-    family: str = "lse"              # lse | sigmoid | prefix_lse | prefix_sigmoid
+    family: str = "lse"              # lse | sigmoid | prefix_lse | prefix_sigmoid | soft_xent
     exclude_self: bool = False       # lse: the self pair left out (NT-Xent, SupCon)
     classes: bool = False            # class positives (SupCon) / equal-label positives (SigLIP)
     groups: bool = False             # lse: same-group exclusion (row_groups / col_groups)
     guide_dg: int = 0                # lse: guided false-negative mask with a (·, Dg) guide; 0: none
     dims: tuple = ()                 # prefix_*: the Matryoshka prefix dimensions
     prefix_scales: bool = True       # prefix_*: per-row/per-column factors (cosine at every prefix)
+    teacher_d: int = 0               # soft_xent: the teacher's feature dimension
+    teacher_dtype: str = ""          # soft_xent: the teacher's dtype ("" = the student's)
+    teacher_grad: bool = True        # soft_xent: the teacher's gradients too
 
 
 def cases(quick: bool) -> list[Case]:
@@ -148,6 +152,18 @@ def cases(quick: bool) -> list[Case]:
                             dims=(7, 33, 100)))
             out.append(Case(f"prefix-siglip-classes-{dt}-d256", 4096, 4096, 256, dt,
                             family="prefix_sigmoid", classes=True, grads="row", dims=(64, 256)))
+    # the soft-target family (distillation): a student and a teacher tile side by side, the
+    # teacher wider (both feature rows resident or chunked), a frozen teacher, a float32 teacher
+    out.append(Case("distill-bfloat16-d512-dt768", 4096, 4096, 512, "bfloat16", family="soft_xent",
+                    teacher_d=768))
+    if not quick:
+        out.append(Case("distill-float32-d128", 4096, 4096, 128, "float32", family="soft_xent",
+                        teacher_d=128))
+        out.append(Case("distill-frozen-bfloat16-d200-dt96", 300, 1000, 200, "bfloat16",
+                        family="soft_xent", teacher_d=96, teacher_grad=False, compute_col=False,
+                        grads="row"))
+        out.append(Case("distill-mixed-bfloat16-d256", 4096, 4096, 256, "bfloat16",
+                        family="soft_xent", teacher_d=256, teacher_dtype="float32"))
     if quick:
         out.append(Case("atomic-cols-bfloat16", 4096, 4096, 512, "bfloat16",
                         tuning={"col_reduce": "atomic"}))
@@ -267,7 +283,8 @@ def main(argv=None) -> int:
         return 1 if args.strict else 0
     from triton.runtime.driver import driver
 
-    from contrastive_kernels.backends.triton import backward, forward, prefix, sigmoid, tuning
+    from contrastive_kernels.backends.triton import (backward, forward, prefix, sigmoid, soft_xent,
+                                                     tuning)
 
     cuobjdump = _find_cuobjdump()
     limit = SMEM_LIMIT.get(args.arch, 99 * 1024)
@@ -294,7 +311,8 @@ def main(argv=None) -> int:
 
     kernels = [(forward, "_lse_fwd_kernel"), (forward, "_lse_merge_kernel"), (backward, "_bwd_kernel"),
                (sigmoid, "_sigmoid_fwd_kernel"), (prefix, "_prefix_fwd_kernel"),
-               (prefix, "_prefix_bwd_kernel")]
+               (prefix, "_prefix_bwd_kernel"), (soft_xent, "_soft_xent_fwd_kernel"),
+               (soft_xent, "_soft_xent_bwd_kernel")]
     originals = {(mod, n): getattr(mod, n) for mod, n in kernels}
     for (mod, n), k in originals.items():
         setattr(mod, n, _CompileInsteadOfLaunch(n.strip("_"), k, record))
@@ -327,6 +345,16 @@ def main(argv=None) -> int:
                         pa = (q, k, s, b, case.dims, r_f, c_f, rc, cc, not case.classes)
                         prefix.sigmoid_prefix_fwd(*pa)
                         prefix.sigmoid_prefix_bwd(*pa, torch.ones(kk, case.n))
+                    elif case.family == "soft_xent":
+                        t_dtype = getattr(torch, case.teacher_dtype or case.dtype)
+                        ta = torch.randn(case.n, case.teacher_d).to(t_dtype)
+                        tb = torch.randn(case.m, case.teacher_d).to(t_dtype)
+                        lse = (torch.zeros(case.n), torch.zeros(case.m))
+                        soft_xent.soft_xent_fwd(q, k, s, ta, tb, s, *lse, case.compute_col)
+                        soft_xent.soft_xent_bwd(
+                            q, k, s, ta, tb, s, *lse, torch.ones(case.n) if "row" in g else None,
+                            torch.ones(case.m) if "col" in g and case.compute_col else None,
+                            case.teacher_grad)
                     elif case.family == "sigmoid":
                         b = torch.tensor(-10.0)
                         sigmoid.sigmoid_fwd(q, k, s, b, rc, cc, not case.classes)

@@ -42,8 +42,8 @@ BACKEND_CHOICES = ("auto",) + BACKENDS
 # picks a backend for a call it cannot serve; asking for one explicitly raises NotImplementedError.
 FEATURES = ("exclude_self", "classes", "sigmoid", "groups", "guide", "prefix", "soft_xent")
 MISSING = {"cuda": frozenset(FEATURES),  # the CUDA C++ kernels: plain log-sum-exp only (so far)
-           "cpu": frozenset({"soft_xent"}),
-           "triton": frozenset({"soft_xent"})}
+           "cpu": frozenset(),
+           "triton": frozenset()}
 
 _MODULES = {
     "reference": ".reference",

@@ -5,11 +5,15 @@ CUDA tensors — so both backends are the same calls; the dispatcher picks the d
 CUDA kernels implement the plain log-sum-exp family only (``backends.MISSING``): exclusion,
 class positives, the exclusion masks (groups, guide) and the sigmoid family never reach them. The
 CPU kernels implement all of it, the masks included (decided per tile, csrc/cpu/lse_masks.h), and
-the prefix (Matryoshka) families (csrc/cpu/prefix_cpu.cpp: every prefix from one sweep).
+the prefix (Matryoshka) families (csrc/cpu/prefix_cpu.cpp: every prefix from one sweep) and the
+soft-target cross-entropy family (csrc/cpu/soft_xent_cpu.cpp: student and teacher tiles side by
+side).
 """
 from __future__ import annotations
 
 import torch
+
+from .._types import stat_dtype
 
 
 def lse_fwd(query, keys, scale, labels, row_classes, col_classes, exclude_self, compute_col,
@@ -71,3 +75,27 @@ def sigmoid_prefix_bwd(query, keys, scale, bias, dims, row_scale, col_scale, row
     return tuple(torch.ops.ck_native.sigmoid_prefix_bwd(
         query, keys, scale, bias, list(dims), row_scale, col_scale, row_classes, col_classes,
         diagonal, grad_row))
+
+
+# soft-target cross-entropy family: CPU kernels only (csrc/cpu/soft_xent_cpu.cpp). The scales, the
+# teacher's statistics and the upstream gradients in the student's statistic dtype, as the other
+# backends use them (the teacher's log-sum-exp comes in the teacher's own statistic dtype).
+
+def _in_stat(st, *tensors):
+    return tuple(None if t is None else t.to(st) for t in tensors)
+
+
+def soft_xent_fwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, compute_col):
+    scale, t_scale, t_row_lse, t_col_lse = _in_stat(stat_dtype(query.dtype), scale, t_scale,
+                                                    t_row_lse, t_col_lse)
+    return tuple(torch.ops.ck_native.soft_xent_fwd(query, keys, scale, t_query, t_keys, t_scale,
+                                                   t_row_lse, t_col_lse, compute_col))
+
+
+def soft_xent_bwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, grad_row,
+                  grad_col, teacher_grad):
+    scale, t_scale, t_row_lse, t_col_lse, grad_row, grad_col = _in_stat(
+        stat_dtype(query.dtype), scale, t_scale, t_row_lse, t_col_lse, grad_row, grad_col)
+    return tuple(torch.ops.ck_native.soft_xent_bwd(query, keys, scale, t_query, t_keys, t_scale,
+                                                   t_row_lse, t_col_lse, grad_row, grad_col,
+                                                   teacher_grad))

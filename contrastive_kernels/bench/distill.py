@@ -6,7 +6,8 @@ Student and teacher features (float32, D = D_t), the contrastive and the distill
 a small warm-up), median of ``--repeats`` calls; rows of the one CSV schema
 (``op = distill_clip``) and a plot. Providers: ``ck.<backend>`` and ``open_clip`` (its
 ``DistillClipLoss``, loaded from its loss.py: four N×N matrices, their softmax and log-softmax).
-``--huge`` adds N = M = 65536, D = 128 for the fused loss only (memory).
+``--huge`` adds N = M = 65536, D = 128 for the fused loss only (memory), with the probe's control
+(one float32 65536×16384 matrix, measured in the same run).
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     import torch
 
     from .plot import plot_csv
-    from .probe_rows import TIMED_CODE, measure_row
+    from .probe_rows import TIMED_CODE, measure_row, write_control_row
     from .schema import CsvSink, device_name
 
     providers = args.providers.split(",")
@@ -76,6 +77,8 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"N={n:>6} D={d:>4} {prov:<10} {row.get('ms_p50') or 0:>10.1f} ms "
               f"{row.get('peak_mem_mb') or 0:>9.1f} MiB  {row['note'][:60]}", flush=True)
+    if args.huge:  # the huge point's control: a quarter of its N×N float32 matrix (4 GiB)
+        write_control_row(sinks["huge"], "distill", 65536, 16384, args.timeout)
     for sink in sinks.values():
         sink.close()
     print(f"\n{device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads")

@@ -10,7 +10,8 @@ shared probe, ``_memprobe``: peak RSS beyond the inputs and a small warm-up), me
   this library today, Σ d_t / d_k times the GEMM work);
 * ``dense``: one dense N×N cross-entropy CLIP loss per prefix (what MRL code bases do).
 
-``--huge`` adds the memory point of the issue: N = M = 65536, D = 256, four dims, fused only.
+``--huge`` adds the memory point of the issue: N = M = 65536, D = 256, four dims, fused only,
+with the probe's control (one float32 65536×16384 matrix, measured in the same run).
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
     import torch
 
     from .plot import plot_csv
-    from .probe_rows import TIMED_CODE, measure_row
+    from .probe_rows import TIMED_CODE, measure_row, write_control_row
     from .schema import CsvSink, device_name
 
     dev = torch.device("cpu")
@@ -92,6 +93,8 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"N={n:>6} D={d:>4} {prov:<12} {row.get('ms_p50') or 0:>10.1f} ms "
               f"{row.get('peak_mem_mb') or 0:>9.1f} MiB  {row['note'][:60]}", flush=True)
+    if args.huge:  # the huge point's control: a quarter of its N×N float32 matrix (4 GiB)
+        write_control_row(sinks["huge"], "matryoshka", 65536, 16384, args.timeout)
     for sink in sinks.values():
         sink.close()
     print(f"\n{device_name(dev)}, {torch.get_num_threads()} threads: time of each provider / "

@@ -1,14 +1,15 @@
 """``triton`` backend: fused Triton kernels of the op families (docs/internals.md).
 
-==============  ================================================================================
-``tuning.py``   host choices: tile sizes, autotune configs, shared-memory model, column splits,
-                fp32 input precision, the ``CK_TRITON_*`` knobs
-``tiles.py``    ``@triton.jit`` logit-tile loop shared by forward and backward
-``forward.py``  row/column log-sum-exp + positives (+ the partial merge, the CAS column merge)
-``backward.py`` feature gradients of both families, three modes (fused, two_pass, gemm)
-``sigmoid.py``  the sigmoid (SigLIP) family: per-row sums (its backward is ``backward.py``'s)
-``prefix.py``   the prefix (Matryoshka) families: every prefix's statistics from one sweep
-==============  ================================================================================
+================  ================================================================================
+``tuning.py``     host choices: tile sizes, autotune configs, shared-memory model, column splits,
+                  fp32 input precision, the ``CK_TRITON_*`` knobs
+``tiles.py``      ``@triton.jit`` logit-tile loop shared by forward and backward
+``forward.py``    row/column log-sum-exp + positives (+ the partial merge, the CAS column merge)
+``backward.py``   feature gradients of both families, three modes (fused, two_pass, gemm)
+``sigmoid.py``    the sigmoid (SigLIP) family: per-row sums (its backward is ``backward.py``'s)
+``prefix.py``     the prefix (Matryoshka) families: every prefix's statistics from one sweep
+``soft_xent.py``  the soft-target cross-entropy family: student and teacher tiles side by side
+================  ================================================================================
 
 Importing this package never imports triton: the kernels are loaded on first use, so
 ``import contrastive_kernels`` works on a bare CPU torch. On a CUDA machine the kernels run on CUDA
@@ -23,7 +24,8 @@ from __future__ import annotations
 import os
 
 __all__ = ["available", "lse_fwd", "lse_bwd", "sigmoid_fwd", "sigmoid_bwd", "lse_prefix_fwd",
-           "lse_prefix_bwd", "sigmoid_prefix_fwd", "sigmoid_prefix_bwd"]
+           "lse_prefix_bwd", "sigmoid_prefix_fwd", "sigmoid_prefix_bwd", "soft_xent_fwd",
+           "soft_xent_bwd"]
 
 
 def available() -> tuple[bool, str]:
@@ -124,3 +126,17 @@ def sigmoid_prefix_bwd(query, keys, scale, bias, dims, row_scale, col_scale, row
     return _load("prefix").sigmoid_prefix_bwd(query, keys, scale, bias, dims, row_scale,
                                               col_scale, row_classes, col_classes, diagonal,
                                               grad_row)
+
+
+def soft_xent_fwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, compute_col):
+    """Backend ``soft_xent_fwd`` callable; see ``soft_xent.soft_xent_fwd``."""
+    return _load("soft_xent").soft_xent_fwd(query, keys, scale, t_query, t_keys, t_scale,
+                                            t_row_lse, t_col_lse, compute_col)
+
+
+def soft_xent_bwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, grad_row,
+                  grad_col, teacher_grad):
+    """Backend ``soft_xent_bwd`` callable; see ``soft_xent.soft_xent_bwd``."""
+    return _load("soft_xent").soft_xent_bwd(query, keys, scale, t_query, t_keys, t_scale,
+                                            t_row_lse, t_col_lse, grad_row, grad_col,
+                                            teacher_grad)
