@@ -408,8 +408,9 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scal
 
 def soft_cross(query: Tensor, keys: Tensor, scale: Tensor, t_query: Tensor, t_keys: Tensor,
                t_scale: Tensor, t_row_lse: Tensor, t_col_lse: Optional[Tensor],
-               backend: str) -> tuple[Tensor, Tensor]:
-    """The soft-target op on validated inputs: (row_cross (N,), col_cross (M,) or (0,))."""
+               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The soft-target op on validated inputs: (row_cross (N,), col_cross (M,) or (0,), and the
+    student's row_lse (N,), col_lse (M,) or (0,) from the same sweep)."""
     # a float64 teacher keeps auto off the GPU kernels (32- and 16-bit only), as float64 inputs do
     name = backends.resolve(backend, query.device, torch.promote_types(query.dtype, t_query.dtype),
                             backends.features_of(soft_xent=True))
@@ -425,11 +426,18 @@ def distill_directions(query: Tensor, keys: Tensor, scale: Tensor, t_query: Tens
                        backend: str) -> tuple[Tensor, Tensor]:
     """(contrastive, distill) per direction on validated inputs, shapes ((N,) or (N+M),) each:
     the rows of S (and, with ``both``, its columns): ``lse_S − S_{i,l_i}`` and the soft-target
-    cross-entropy ``lse_S − Σ_j softmax(T)_ij·S_ij`` against the teacher's logits T."""
-    row, col, pos, _ = _lse(query, keys, scale, labels, None, None, False, both, backend)
+    cross-entropy ``lse_S − Σ_j softmax(T)_ij·S_ij`` against the teacher's logits T.
+
+    Two sweeps forward: the teacher's log-sum-exp, then the soft-target op, which gives the
+    student's log-sum-exp as well; the positives are O(N·D) dot products. The backward is one
+    sweep of the soft-target op (student and teacher tiles recomputed once) plus, when the teacher
+    requires grad, the log-sum-exp op's for the teacher."""
     t_row, t_col, _, _ = _lse(t_query, t_keys, t_scale, None, None, None, False, both, backend)
-    row_x, col_x = soft_cross(query, keys, scale, t_query, t_keys, t_scale, t_row,
-                              t_col if both else None, backend)
+    row_x, col_x, row, col = soft_cross(query, keys, scale, t_query, t_keys, t_scale, t_row,
+                                        t_col if both else None, backend)
+    st = row.dtype
+    partners = keys if labels is None else keys.index_select(0, labels)  # (N, D) either way
+    pos = scale.to(st) * (query.to(st) * partners.to(st)).sum(dim=1)
     if not both:
         return row - pos, row - row_x
     return torch.cat([row - pos, col - pos]), torch.cat([row - row_x, col - col_x])

@@ -117,17 +117,24 @@ TORCH_LIBRARY(ck_native, m) {
   // teacher's log-sum-exp t_row_lse (N,) / t_col_lse (M,) in st (t_col_lse read only when
   // compute_col, resp. grad_col, is given). With p = exp(T − t_row_lse_i) and
   // p' = exp(T − t_col_lse_j):
-  //   row_cross_i = Σ_j p_ij·S_ij; col_cross_j = Σ_i p'_ij·S_ij ((0,) unless compute_col).
-  //   soft_xent_bwd: G^S = grad_row_i·p + grad_col_j·p', G^T = G^S ⊙ S; grad_query = s·G^S·K,
-  //            grad_keys = s·G^Sᵀ·Q, grad_t_query = t·G^T·B, grad_t_keys = t·G^Tᵀ·A (both (0,)
-  //            unless teacher_grad). Contract: contrastive_kernels/backends/_soft_xent.py.
+  //   row_cross_i = Σ_j p_ij·S_ij; col_cross_j = Σ_i p'_ij·S_ij ((0,) unless compute_col);
+  //   row_lse_i = log Σ_j exp(S_ij); col_lse_j = log Σ_i exp(S_ij) ((0,) unless compute_col):
+  //            the student's, from the same sweep, as lse_fwd computes them.
+  //   soft_xent_bwd: for the upstream gradients g = grad_row, h = grad_col, u = grad_row_lse,
+  //            v = grad_col_lse (None: zero, and the statistic it weights is not read; row_lse /
+  //            col_lse (in st) are read only with u / v),
+  //            G^X = g_i·p + h_j·p', G^S = G^X + u_i·exp(S − row_lse_i) + v_j·exp(S − col_lse_j),
+  //            G^T = G^X ⊙ S; grad_query = s·G^S·K, grad_keys = s·G^Sᵀ·Q, grad_t_query = t·G^T·B,
+  //            grad_t_keys = t·G^Tᵀ·A (both (0,) unless teacher_grad).
+  //            Contract: contrastive_kernels/backends/_soft_xent.py.
   m.def(
       "soft_xent_fwd(Tensor query, Tensor keys, Tensor scale, Tensor t_query, Tensor t_keys,"
       " Tensor t_scale, Tensor t_row_lse, Tensor t_col_lse, bool compute_col)"
-      " -> (Tensor row_cross, Tensor col_cross)");
+      " -> (Tensor row_cross, Tensor col_cross, Tensor row_lse, Tensor col_lse)");
   m.def(
       "soft_xent_bwd(Tensor query, Tensor keys, Tensor scale, Tensor t_query, Tensor t_keys,"
-      " Tensor t_scale, Tensor t_row_lse, Tensor t_col_lse, Tensor? grad_row, Tensor? grad_col,"
+      " Tensor t_scale, Tensor t_row_lse, Tensor t_col_lse, Tensor row_lse, Tensor col_lse,"
+      " Tensor? grad_row, Tensor? grad_col, Tensor? grad_row_lse, Tensor? grad_col_lse,"
       " bool teacher_grad)"
       " -> (Tensor grad_query, Tensor grad_keys, Tensor grad_t_query, Tensor grad_t_keys)");
   // No tensor argument to dispatch on: a catch-all kernel (the CPU kernels are always built).

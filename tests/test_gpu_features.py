@@ -106,7 +106,8 @@ def test_gpu_distill_clip_loss(dtype):
 def test_gpu_soft_xent_op(dtype, teacher_grad, compute_col):
     """The soft-target op alone with backend='triton' at ragged sizes (N = 1000, M = 1337, student
     D = 200 chunked, teacher Dt = 96 resident, both in ``dtype``), the teacher's log-sum-exp a
-    float64 constant of each run's values: the gradients of the student, of both scales and
+    float64 constant of each run's values: a loss weighing all four statistics (the cross terms
+    and the student's log-sum-exp), the gradients of the student, of both scales and
     (``teacher_grad``) of the teacher; and two runs of the kernels bitwise identical (no
     atomics)."""
     from contrastive_kernels.backends import triton as tk
@@ -131,11 +132,14 @@ def test_gpu_soft_xent_op(dtype, teacher_grad, compute_col):
         a, b, t = xs[3:] if teacher_grad else (like(x, q.dtype) for x in teacher)
         st = torch.float64 if q.dtype == torch.float64 else torch.float32
         t_row, t_col = lse(a, b, t, st)
-        row_x, col_x = soft_cross(q, k, s, a, b, t, t_row, t_col if compute_col else None,
-                                  backend)
-        out = (torch.linspace(-1.0, 2.0, n, device="cuda", dtype=st) * row_x).sum()
+        row_x, col_x, row_l, col_l = soft_cross(q, k, s, a, b, t, t_row,
+                                                t_col if compute_col else None, backend)
+
+        def w(lo, hi, size):
+            return torch.linspace(lo, hi, size, device="cuda", dtype=st)
+        out = (w(-1.0, 2.0, n) * row_x).sum() + (w(0.5, -0.7, n) * row_l).sum()
         if compute_col:
-            out = out + (torch.linspace(1.5, -1.0, m, device="cuda", dtype=st) * col_x).sum()
+            out = out + (w(1.5, -1.0, m) * col_x).sum() + (w(-0.3, 0.8, m) * col_l).sum()
         return out
 
     feats = student + teacher if teacher_grad else student
@@ -143,10 +147,14 @@ def test_gpu_soft_xent_op(dtype, teacher_grad, compute_col):
     args = [x.to(dtype) for x in student + teacher]
     t_row, t_col = lse(*args[3:], torch.float32)
     t_col = t_col if compute_col else t_row.new_empty(0)
-    grad_row = torch.randn(n, generator=g, device="cuda")
-    grad_col = torch.randn(m, generator=g, device="cuda") if compute_col else None
-    runs = [tk.soft_xent_fwd(*args, t_row, t_col, compute_col)
-            + tk.soft_xent_bwd(*args, t_row, t_col, grad_row, grad_col, teacher_grad)
-            for _ in range(2)]
+    grad_row, grad_row_lse = (torch.randn(n, generator=g, device="cuda") for _ in range(2))
+    grad_col, grad_col_lse = ((torch.randn(m, generator=g, device="cuda") for _ in range(2))
+                              if compute_col else (None, None))
+
+    def once():
+        stats = tk.soft_xent_fwd(*args, t_row, t_col, compute_col)
+        return stats + tk.soft_xent_bwd(*args, t_row, t_col, *stats[2:], grad_row, grad_col,
+                                        grad_row_lse, grad_col_lse, teacher_grad)
+    runs = [once() for _ in range(2)]
     for x, y in zip(*runs):
         assert torch.equal(x, y)

@@ -3,10 +3,13 @@
 backend="reference" (docs/math.md §10; the reference is checked against open_clip in
 tests/test_distill.py). float64 ≤ 1e-9 relative; float32 / bfloat16 by the relative rule against the
 float64 truth; ragged shapes off the tile sizes (N = 1, M = 1, N ≠ M, D ≠ Dt, several row blocks
-and column tiles), compute_col both ways, every upstream-gradient subset, the teacher's gradients
-both ways, distinct scales up to 100; every SIMD path; bitwise repeatability at a fixed thread
-count; the input checks; ``auto`` picking the kernels."""
+and column tiles), compute_col both ways, every subset of the four upstream gradients (the cross
+terms' g, h and the student's log-sum-exp's u, v), the teacher's gradients both ways, distinct
+scales up to 100; every SIMD path; the student's log-sum-exp bitwise that of the log-sum-exp op;
+bitwise repeatability at a fixed thread count; the input checks; ``auto`` picking the kernels."""
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
@@ -25,7 +28,18 @@ GEOMETRIES = [(1, 1, 3, 5), (1, 37, 8, 8), (37, 1, 5, 11), (37, 133, 13, 29), (1
               (300, 83, 17, 33)]
 SMALL_TILES = {"CK_CPU_BLOCK_ROWS": "48", "CK_CPU_BLOCK_COLS": "40"}
 SCALES = [(3.0, 7.0), (100.0, 37.5)]  # (student s, teacher t)
-GRAD_SUBSETS = [("row",), ("col",), ("row", "col")]
+# the upstream gradients of the four outputs: g, h of the cross terms, u, v of the student's lse
+UPSTREAMS = ("row", "col", "row_lse", "col_lse")
+
+
+def subsets_of(names):
+    """Every subset of `names`, the empty one included (then every gradient is 0)."""
+    return [c for r in range(len(names) + 1) for c in itertools.combinations(names, r)]
+
+
+ALL_SUBSETS = subsets_of(UPSTREAMS)
+ROW_SUBSETS = subsets_of(("row", "row_lse"))  # without columns: h and v are None
+FEW_SUBSETS = [("row",), ("row_lse", "col_lse"), UPSTREAMS]
 
 
 @pytest.fixture(autouse=True)
@@ -50,8 +64,14 @@ def features(n, m, d, dt, dtype, t_dtype=None, seed=0):
 
 
 def upstreams(n, m, seed=3):
+    """{name: upstream gradient} for the four outputs, in float64."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, generator=gen, dtype=F64), torch.randn(m, generator=gen, dtype=F64)
+    return {name: torch.randn(n if name.startswith("row") else m, generator=gen, dtype=F64)
+            for name in UPSTREAMS}
+
+
+def subset_id(subset):
+    return "+".join(subset) or "none"
 
 
 def run(backend, feats, dtype, t_dtype, scales, compute_col, subsets, teacher_grad):
@@ -64,20 +84,21 @@ def run(backend, feats, dtype, t_dtype, scales, compute_col, subsets, teacher_gr
     tl = reference.logits(a, b, t.to(t_st))
     row_lse, col_lse = tl.logsumexp(dim=1), tl.logsumexp(dim=0)
     col_in = col_lse if compute_col else row_lse.new_empty(0)
-    row_x, col_x = soft_xent_fwd(q, k, s, a, b, t, row_lse, col_in, compute_col, backend)
-    outs = {"row_cross": row_x, "col_cross": col_x}
-    up_row, up_col = (u.to(st) for u in upstreams(q.shape[0], k.shape[0]))
+    fwd = soft_xent_fwd(q, k, s, a, b, t, row_lse, col_in, compute_col, backend)
+    outs = dict(zip(("row_cross", "col_cross", "row_lse", "col_lse"), fwd))
+    up = {name: u.to(st) for name, u in upstreams(q.shape[0], k.shape[0]).items()}
     for subset in subsets:
-        gr = up_row if "row" in subset else None
-        gc = up_col if "col" in subset else None
-        grads = soft_xent_bwd(q, k, s, a, b, t, row_lse, col_lse, gr, gc, teacher_grad, backend)
+        # the backward reads the backend's own student statistics, as the autograd site passes them
+        grads = soft_xent_bwd(q, k, s, a, b, t, row_lse, col_in, outs["row_lse"], outs["col_lse"],
+                              *(up[n] if n in subset else None for n in UPSTREAMS), teacher_grad,
+                              backend)
         for name, g in zip(("grad_query", "grad_keys", "grad_t_query", "grad_t_keys"), grads):
-            outs[f"{name}[{'+'.join(subset)}]"] = g
+            outs[f"{name}[{subset_id(subset)}]"] = g
     return outs
 
 
 def compare(geometry, dtype, t_dtype=None, scales=SCALES[0], compute_col=True,
-            subsets=GRAD_SUBSETS, teacher_grad=True, ref="reference"):
+            subsets=FEW_SUBSETS, teacher_grad=True, ref="reference"):
     """Native against the float64 reference (and, below float64, the same-dtype reference)."""
     t_dtype = t_dtype or dtype
     feats = features(*geometry, dtype, t_dtype)
@@ -97,9 +118,9 @@ def compare(geometry, dtype, t_dtype=None, scales=SCALES[0], compute_col=True,
         else:
             assert_relative_rule(out, same[name], gt, STAT[dtype], name)
     if not compute_col:
-        assert ours["col_cross"].shape == (0,)
+        assert ours["col_cross"].shape == ours["col_lse"].shape == (0,)
     if not teacher_grad:
-        assert all(ours[f"{n}[{'+'.join(s)}]"].shape == (0,)
+        assert all(ours[f"{n}[{subset_id(s)}]"].shape == (0,)
                    for n in ("grad_t_query", "grad_t_keys") for s in subsets)
 
 
@@ -112,17 +133,53 @@ def compare(geometry, dtype, t_dtype=None, scales=SCALES[0], compute_col=True,
 @pytest.mark.parametrize("scales", SCALES, ids=lambda s: f"s{s[0]:g}-t{s[1]:g}")
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "x".join(map(str, g)))
 def test_float64_matches_reference(geometry, scales, compute_col, teacher_grad):
-    subsets = GRAD_SUBSETS if compute_col else [("row",)]
+    """Every subset of the upstream gradients (all four, or g and u without columns)."""
+    subsets = ALL_SUBSETS if compute_col else ROW_SUBSETS
     compare(geometry, F64, scales=scales, compute_col=compute_col, subsets=subsets,
             teacher_grad=teacher_grad)
 
 
+def test_student_lse_against_torch_logsumexp():
+    """The student's statistics are the plain log-sum-exp of S = s·Q·Kᵀ (independent of the
+    reference backend's code), whatever the teacher."""
+    q, k, a, b = features(300, 83, 17, 33, F64)
+    s, t = torch.tensor(100.0, dtype=F64), torch.tensor(3.0, dtype=F64)
+    logits = s * (q @ k.T)
+    tl = reference.logits(a, b, t)
+    _, _, row_lse, col_lse = torch.ops.ck_native.soft_xent_fwd(q, k, s, a, b, t, tl.logsumexp(1),
+                                                               tl.logsumexp(0), True)
+    assert_close_f64(row_lse, logits.logsumexp(dim=1), "row_lse", rtol=1e-12)
+    assert_close_f64(col_lse, logits.logsumexp(dim=0), "col_lse", rtol=1e-12)
+
+
+@pytest.mark.parametrize("blocks", ["default", "small"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, F64], ids=["f32", "bf16", "f64"])
+def test_student_lse_is_the_lse_ops_bitwise(dtype, blocks, monkeypatch):
+    """The student's row / column log-sum-exp come from the same tiles, tile pass and group-order
+    merge as ck_native::lse_fwd's: the very same bits, so the contrastive loss does not change when
+    the distillation loss takes its statistics from this op."""
+    if blocks == "small":
+        for name, value in SMALL_TILES.items():
+            monkeypatch.setenv(name, value)
+    q, k, a, b = (x.to(dtype) for x in features(257, 300, 40, 7, F64, seed=7))
+    st = STAT[dtype]
+    s, t = torch.tensor(30.0, dtype=st), torch.tensor(5.0, dtype=st)
+    tl = reference.logits(a, b, t).to(st)
+    for compute_col in (True, False):
+        t_col = tl.logsumexp(0) if compute_col else tl.new_empty(0)
+        ours = torch.ops.ck_native.soft_xent_fwd(q, k, s, a, b, t, tl.logsumexp(1), t_col,
+                                                 compute_col)
+        lse = torch.ops.ck_native.lse_fwd(q, k, s, None, None, None, False, compute_col)
+        assert torch.equal(ours[2], lse[0]) and torch.equal(ours[3], lse[1]), compute_col
+
+
 @pytest.mark.parametrize("geometry", GEOMETRIES[3:], ids=lambda g: "x".join(map(str, g)))
 def test_float64_small_tiles(geometry, monkeypatch):
-    """Several row groups and column tiles: the per-group column sums and key gradients merge."""
+    """Several row groups and column tiles: the per-group column sums, column statistics and key
+    gradients merge."""
     for name, value in SMALL_TILES.items():
         monkeypatch.setenv(name, value)
-    compare(geometry, F64, scales=SCALES[1])
+    compare(geometry, F64, scales=SCALES[1], subsets=ALL_SUBSETS)
 
 
 @pytest.mark.parametrize("t_dtype", [None, torch.float32, torch.bfloat16],
@@ -145,15 +202,16 @@ def test_isa_paths(monkeypatch, isa):
     select_isa(monkeypatch, isa)
     for name, value in SMALL_TILES.items():
         monkeypatch.setenv(name, value)
-    compare(GEOMETRIES[4], torch.float32, scales=SCALES[1])
+    compare(GEOMETRIES[4], torch.float32, scales=SCALES[1], subsets=ALL_SUBSETS)
 
 
 def test_no_upstream_gradient_gives_zeros():
     q, k, a, b = features(9, 11, 8, 5, F64)
     s, t = torch.tensor(2.0, dtype=F64), torch.tensor(5.0, dtype=F64)
-    tl = reference.logits(a, b, t)
+    tl, sl = reference.logits(a, b, t), reference.logits(q, k, s)
     outs = torch.ops.ck_native.soft_xent_bwd(q, k, s, a, b, t, tl.logsumexp(1), tl.logsumexp(0),
-                                             None, None, True)
+                                             sl.logsumexp(1), sl.logsumexp(0), None, None, None,
+                                             None, True)
     assert [tuple(x.shape) for x in outs] == [(9, 8), (11, 8), (9, 5), (11, 5)]
     assert all(not x.any() for x in outs)
 
@@ -187,7 +245,8 @@ def test_distill_clip_loss_matches_reference(dtype):
 def _all_outputs(dtype):
     """Every output at a shape with several row groups and column tiles."""
     feats = features(1030, 300, 40, 24, dtype, seed=11)
-    outs = run("cpu", feats, dtype, dtype, (9.0, 20.0), True, [("row", "col")], True)
+    outs = run("cpu", feats, dtype, dtype, (9.0, 20.0), True,
+               [UPSTREAMS, ("row", "col"), ("row_lse", "col_lse")], True)
     return list(outs.values())
 
 
@@ -240,11 +299,15 @@ def _fwd(*args, compute_col=True):
     return torch.ops.ck_native.soft_xent_fwd(*args, compute_col)
 
 
-def _bwd(*args, grads=None, teacher_grad=True):
+def _bwd(*args, lse=None, grads=None, teacher_grad=True):
+    """The backward on the forward's inputs `args`; the student's statistics `lse` (default
+    zeros) and the four upstream gradients `grads` (default ones)."""
     n, m = args[0].shape[0], args[1].shape[0]
     st = args[2].dtype
-    gr, gc = grads if grads is not None else (torch.ones(n, dtype=st), torch.ones(m, dtype=st))
-    return torch.ops.ck_native.soft_xent_bwd(*args, gr, gc, teacher_grad)
+    lse = lse if lse is not None else (torch.zeros(n, dtype=st), torch.zeros(m, dtype=st))
+    if grads is None:
+        grads = tuple(torch.ones(n if i % 2 == 0 else m, dtype=st) for i in range(4))
+    return torch.ops.ck_native.soft_xent_bwd(*args, *lse, *grads, teacher_grad)
 
 
 @pytest.mark.parametrize("call", [_fwd, _bwd], ids=["fwd", "bwd"])
@@ -287,18 +350,47 @@ def test_bad_inputs_are_refused(call):
 
 def test_bad_upstream_gradients_are_refused():
     args = _op_inputs()
-    with pytest.raises(RuntimeError, match="grad_row must be a"):
-        _bwd(*args, grads=(torch.ones(5, dtype=torch.float32), None))
-    with pytest.raises(RuntimeError, match="grad_col must be a"):
-        _bwd(*args, grads=(None, torch.ones(7, dtype=F64)))
+    ok_n, ok_m = torch.ones(5, dtype=F64), torch.ones(6, dtype=F64)
+    cases = [
+        ((torch.ones(5, dtype=torch.float32), None, None, None), "grad_row must be a"),
+        ((None, torch.ones(7, dtype=F64), None, None), "grad_col must be a"),
+        ((None, None, torch.ones(4, dtype=F64), None), "grad_row_lse must be a"),
+        ((None, None, ok_n.float(), None), "grad_row_lse must be a"),
+        ((None, None, None, torch.ones(6, 1, dtype=F64)), "grad_col_lse must be a"),
+        ((None, None, None, ok_m.float()), "grad_col_lse must be a"),
+    ]
+    for grads, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            _bwd(*args, grads=grads)
+
+
+def test_bad_student_statistics_are_refused():
+    """row_lse / col_lse (the forward's student statistics) are checked where they are read."""
+    args = _op_inputs()
+    ok_n, ok_m = torch.zeros(5, dtype=F64), torch.zeros(6, dtype=F64)
+    cases = [
+        ((ok_n[:4], ok_m), "row_lse must be a"),
+        ((ok_n.float(), ok_m), "row_lse must be a"),
+        ((ok_n, ok_m[:5]), "col_lse must be a"),
+        ((ok_n, ok_m.float()), "col_lse must be a"),
+        ((ok_n, ok_m.expand(2, 6)), "col_lse must be a"),
+    ]
+    for lse, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            _bwd(*args, lse=lse)
 
 
 def test_statistics_not_needed_are_not_read():
-    """compute_col=False reads no t_col_lse (the front door passes (0,)); likewise a backward
-    without grad_col / grad_row reads no t_col_lse / t_row_lse."""
-    q, k, s, a, b, t, ra, _ = _op_inputs()
+    """compute_col=False reads no t_col_lse (the front door passes (0,)) and returns (0,) columns;
+    likewise a backward without grad_col / grad_row / grad_col_lse / grad_row_lse reads no
+    t_col_lse / t_row_lse / col_lse / row_lse."""
+    q, k, s, a, b, t, ra, cb = _op_inputs()
     empty = ra.new_empty(0)
-    row, col = _fwd(q, k, s, a, b, t, ra, empty, compute_col=False)
-    assert row.shape == (5,) and col.shape == (0,)
-    _bwd(q, k, s, a, b, t, ra, empty, grads=(torch.ones(5, dtype=F64), None))
-    _bwd(q, k, s, a, b, t, empty, torch.zeros(6, dtype=F64), grads=(None, torch.ones(6, dtype=F64)))
+    row, col, row_lse, col_lse = _fwd(q, k, s, a, b, t, ra, empty, compute_col=False)
+    assert row.shape == row_lse.shape == (5,) and col.shape == col_lse.shape == (0,)
+    gn, gm = torch.ones(5, dtype=F64), torch.ones(6, dtype=F64)
+    # the forward without columns: h and v are None, t_col_lse and col_lse (0,)
+    _bwd(q, k, s, a, b, t, ra, empty, lse=(row_lse, col_lse), grads=(gn, None, gn, None))
+    _bwd(q, k, s, a, b, t, empty, cb, lse=(empty, empty), grads=(None, gm, None, None))
+    _bwd(q, k, s, a, b, t, empty, empty, lse=(row_lse, empty), grads=(None, None, gn, None))
+    _bwd(q, k, s, a, b, t, empty, empty, lse=(empty, cb), grads=(None, None, None, gm))

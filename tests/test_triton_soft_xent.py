@@ -4,17 +4,20 @@ relative rule: the reference in float64 on the same values is the truth, the ref
 kernel's dtype the yardstick.
 
 Student ``S = s·Q·Kᵀ`` (D), teacher ``T = t·A·Bᵀ`` (its own Dt, scale and dtype), the teacher's
-row / column log-sum-exp given. The backend callables are called directly on CPU tensors under
-Triton's interpreter (conftest sets TRITON_INTERPRET=1), with small tiles forced so that the
-problems have several row blocks, column tiles and D chunks: BLOCK_M = 16 (37 rows: 3 blocks, the
-transposed launch's 70: 5), BLOCK_N = 32 (the interpreter's config; 70 columns: 3 tiles, the last
-ragged), BLOCK_D = 16 with the feature row resident only up to 16 (D = 40: three chunks, the last
-ragged; D = 13: resident), so each case runs one side resident and the other chunked. The Triton
-kernels take no float64 (as every Triton kernel of the package): float32, bfloat16 (upcast under
-the interpreter) and float16 here.
+row / column log-sum-exp given; the forward returns the cross terms and the student's row / column
+log-sum-exp, the backward takes the upstream gradients of all four (each may be None), the
+student's log-sum-exp being each backend's own forward output. The backend callables are called
+directly on CPU tensors under Triton's interpreter (conftest sets TRITON_INTERPRET=1), with small
+tiles forced so that the problems have several row blocks, column tiles and D chunks: BLOCK_M = 16
+(37 rows: 3 blocks, the transposed launch's 70: 5), BLOCK_N = 32 (the interpreter's config; 70
+columns: 3 tiles, the last ragged), BLOCK_D = 16 with the feature row resident only up to 16
+(D = 40: three chunks, the last ragged; D = 13: resident), so each case runs one side resident and
+the other chunked. The Triton kernels take no float64 (as every Triton kernel of the package):
+float32, bfloat16 (upcast under the interpreter) and float16 here.
 """
 from __future__ import annotations
 
+import itertools
 
 import pytest
 import torch
@@ -30,12 +33,15 @@ from contrastive_kernels.backends.triton import tuning as tu  # noqa: E402
 SMALL = dict(fwd_block_m=16, bwd_block_m=16, chunk_d=16, fwd_max_single_d=16,
              bwd_max_single_d=16)
 GRAD_NAMES = ("grad_query", "grad_keys", "grad_t_query", "grad_t_keys")
+STAT_NAMES = ("row_cross", "col_cross", "row_lse", "col_lse")
+ALL = (True, True, True, True)  # given: grad_row, grad_col, grad_row_lse, grad_col_lse
 
 
 def problem(n=37, m=70, d=40, dt=13, scale=17.0, t_scale=100.0, dtype=torch.float32,
             t_dtype=None, seed=0):
     """Unit feature rows in ``dtype`` (the teacher's in ``t_dtype``, default the same), the
-    scales, the teacher's log-sum-exp in float64 of exactly these values, upstream gradients."""
+    scales, the teacher's log-sum-exp in float64 of exactly these values, the upstream gradients
+    (g (N,), h (M,), u (N,), v (M,))."""
     t_dtype = t_dtype or dtype
     g = torch.Generator().manual_seed(seed)
 
@@ -45,8 +51,7 @@ def problem(n=37, m=70, d=40, dt=13, scale=17.0, t_scale=100.0, dtype=torch.floa
     q, k, a, b = unit(n, d, dtype), unit(m, d, dtype), unit(n, dt, t_dtype), unit(m, dt, t_dtype)
     s, t = torch.tensor(scale, dtype=dtype), torch.tensor(t_scale, dtype=t_dtype)
     logits = t.double() * (a.double() @ b.double().T)
-    grads = (torch.randn(n, generator=g, dtype=torch.float64),
-             torch.randn(m, generator=g, dtype=torch.float64))
+    grads = tuple(torch.randn(x, generator=g, dtype=torch.float64) for x in (n, m, n, m))
     return dict(query=q, keys=k, scale=s, t_query=a, t_keys=b, t_scale=t,
                 t_row_lse=logits.logsumexp(1), t_col_lse=logits.logsumexp(0)), grads
 
@@ -60,15 +65,17 @@ def _args(kw, f64: bool):
     return tuple(kw[n].float() if n.endswith("lse") else kw[n] for n in names)
 
 
-def run(mod, kw, grads, f64, compute_col=True, use_row=True, use_col=True, teacher=True):
-    """Forward and backward of ``mod``'s callables: {name: output}."""
+def run(mod, kw, grads, f64, compute_col=True, use=ALL, teacher=True):
+    """Forward and backward of ``mod``'s callables: {name: output}. ``use``: which of the upstream
+    gradients (g, h, u, v) are given (the columns' only with ``compute_col``, as the op does); the
+    backward gets the forward's own row_lse / col_lse."""
     args = _args(kw, f64)
     st = torch.float64 if f64 else torch.float32
-    row, col = mod.soft_xent_fwd(*args, compute_col)
-    gr = grads[0].to(st) if use_row else None
-    gc = grads[1].to(st) if use_col and compute_col else None
-    out = dict(row_cross=row, col_cross=col)
-    out.update(zip(GRAD_NAMES, mod.soft_xent_bwd(*args, gr, gc, teacher)))
+    stats = mod.soft_xent_fwd(*args, compute_col)
+    ups = [x.to(st) if on and (compute_col or i % 2 == 0) else None
+           for i, (x, on) in enumerate(zip(grads, use))]
+    out = dict(zip(STAT_NAMES, stats))
+    out.update(zip(GRAD_NAMES, mod.soft_xent_bwd(*args, stats[2], stats[3], *ups, teacher)))
     return out
 
 
@@ -103,27 +110,48 @@ def test_fwd_bwd_float32(shape, compute_col):
     n, m, d, dt = SHAPES[shape]
     kw, grads = problem(n, m, d, dt, seed=len(shape))
     outs = check(kw, grads, compute_col=compute_col)
-    assert outs["col_cross"].shape == ((m,) if compute_col else (0,))
+    assert outs["col_cross"].shape == outs["col_lse"].shape == ((m,) if compute_col else (0,))
+    # the student's log-sum-exp also against torch directly (float64 logits of the same values)
+    logits = kw["scale"].double() * (kw["query"].double() @ kw["keys"].double().T)
+    torch.testing.assert_close(outs["row_lse"].double(), logits.logsumexp(1), rtol=0, atol=1e-5)
+    if compute_col:
+        torch.testing.assert_close(outs["col_lse"].double(), logits.logsumexp(0), rtol=0,
+                                   atol=1e-5)
 
 
-@pytest.mark.parametrize("use_row,use_col,teacher", [
-    (True, False, False), (False, True, True), (True, True, False)],
-    ids=["row_only_student", "col_only_teacher", "both_student"])
-def test_gradient_subsets(use_row, use_col, teacher):
-    """grad_row / grad_col each None, teacher_grad both ways (False: (0,) teacher gradients);
-    distinct scales (s = 3, t = 50)."""
-    kw, grads = problem(scale=3.0, t_scale=50.0, seed=3)
-    outs = check(kw, grads, use_row=use_row, use_col=use_col, teacher=teacher)
+def _use_id(use):
+    return "+".join(n for n, on in zip("ghuv", use) if on)
+
+
+# every non-empty subset of the upstream gradients (g, h, u, v); without columns only g, u exist
+SUBSETS = [(cc, use) for cc in (True, False) for use in itertools.product((True, False), repeat=4)
+           if any(use) and (cc or not (use[1] or use[3]))]
+
+
+@pytest.mark.parametrize("teacher", [True, False], ids=["teacher", "frozen"])
+@pytest.mark.parametrize("compute_col,use", SUBSETS,
+                         ids=[("col-" if cc else "no_col-") + _use_id(u) for cc, u in SUBSETS])
+def test_upstream_subsets(compute_col, use, teacher):
+    """Each of g, h, u, v None or given (every combination; h, v only with columns), teacher_grad
+    both ways (False: (0,) teacher gradients; True without g and h: exactly zero ones, the teacher
+    tile never formed); distinct scales (s = 3, t = 50), a smaller problem (2 row blocks, 2 column
+    tiles, D chunked, Dt resident)."""
+    kw, grads = problem(n=21, m=35, d=20, dt=12, scale=3.0, t_scale=50.0, seed=3)
+    outs = check(kw, grads, compute_col=compute_col, use=use, teacher=teacher)
     if not teacher:
         assert outs["grad_t_query"].shape == outs["grad_t_keys"].shape == (0,)
+    elif not (use[0] or use[1]):
+        assert not outs["grad_t_query"].any() and not outs["grad_t_keys"].any()
 
 
 @pytest.mark.parametrize("teacher", [True, False])
 def test_no_upstream_gradient(teacher):
-    """grad_row and grad_col both None (the op never asks; a direct caller may): exactly zero
+    """All four upstream gradients None (the op never asks; a direct caller may): exactly zero
     gradients of the features' shapes, nothing launched."""
     kw, _ = problem(n=5, m=7, d=6, dt=3)
-    outs = tk.soft_xent_bwd(*_args(kw, False), None, None, teacher)
+    with tu.tuning(**SMALL):
+        row_lse, col_lse = tk.soft_xent_fwd(*_args(kw, False), True)[2:]
+    outs = tk.soft_xent_bwd(*_args(kw, False), row_lse, col_lse, None, None, None, None, teacher)
     shapes = [(5, 6), (7, 6), (5, 3), (7, 3)] if teacher else [(5, 6), (7, 6), (0,), (0,)]
     for name, o, shape in zip(GRAD_NAMES, outs, shapes):
         assert o.dtype == torch.float32 and o.shape == shape and not o.any(), name
@@ -155,7 +183,8 @@ def test_bitwise_repeatable():
                                                               "col_launch_split"])
 def test_column_splits(n, m, split_spy):
     """Forced column splits (3 asked; aligned to 256 columns: 256 + 44 of 300, 256 + 34 of 290):
-    per-split sums and private gradient slices folded in order. A spy checks that a launch split."""
+    per-split sums, per-split log-sum-exps (merged by ``torch.logsumexp``) and private gradient
+    slices folded in order. A spy checks that a launch split."""
     kw, grads = problem(n=n, m=m, d=24, dt=20, seed=11)
     with tu.tuning(split=3):
         check(kw, grads)

@@ -351,9 +351,12 @@ def main(argv=None) -> int:
                         tb = torch.randn(case.m, case.teacher_d).to(t_dtype)
                         lse = (torch.zeros(case.n), torch.zeros(case.m))
                         soft_xent.soft_xent_fwd(q, k, s, ta, tb, s, *lse, case.compute_col)
+                        # the cross's and the student log-sum-exp's upstream gradients alike
+                        gr = torch.ones(case.n) if "row" in g else None
+                        gc = torch.ones(case.m) if "col" in g and case.compute_col else None
                         soft_xent.soft_xent_bwd(
-                            q, k, s, ta, tb, s, *lse, torch.ones(case.n) if "row" in g else None,
-                            torch.ones(case.m) if "col" in g and case.compute_col else None,
+                            q, k, s, ta, tb, s, *lse, lse[0],
+                            lse[1] if case.compute_col else torch.zeros(0), gr, gc, gr, gc,
                             case.teacher_grad)
                     elif case.family == "sigmoid":
                         b = torch.tensor(-10.0)

@@ -173,8 +173,8 @@ def soft_xent_fwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col
                                     compute_col)
 
 
-def soft_xent_bwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, grad_row,
-                  grad_col, teacher_grad):
+def soft_xent_bwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, row_lse,
+                  col_lse, grad_row, grad_col, grad_row_lse, grad_col_lse, teacher_grad):
     st = stat_dtype(query.dtype)
     grad_q = torch.empty(query.shape, dtype=st, device=query.device)
     grad_k = torch.zeros(keys.shape, dtype=st, device=query.device)
@@ -183,8 +183,9 @@ def soft_xent_bwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col
     sc = tc = None
     for rows, s, t, q, k, a, b, sc, tc in _pair_blocks(query, keys, scale, t_query, t_keys,
                                                        t_scale, 5):
-        g_s, g_t = _soft_xent.soft_xent_grads(s, t, rows, t_row_lse, t_col_lse, grad_row,
-                                              grad_col, teacher_grad)
+        g_s, g_t = _soft_xent.soft_xent_grads(s, t, rows, t_row_lse, t_col_lse, row_lse, col_lse,
+                                              grad_row, grad_col, grad_row_lse, grad_col_lse,
+                                              teacher_grad)
         grad_q[rows] = sc * (g_s @ k)
         grad_k.addmm_(g_s.T, q)
         if teacher_grad:

@@ -92,10 +92,12 @@ def soft_xent_fwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col
                                                    t_row_lse, t_col_lse, compute_col))
 
 
-def soft_xent_bwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, grad_row,
-                  grad_col, teacher_grad):
-    scale, t_scale, t_row_lse, t_col_lse, grad_row, grad_col = _in_stat(
-        stat_dtype(query.dtype), scale, t_scale, t_row_lse, t_col_lse, grad_row, grad_col)
+def soft_xent_bwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, row_lse,
+                  col_lse, grad_row, grad_col, grad_row_lse, grad_col_lse, teacher_grad):
+    (scale, t_scale, t_row_lse, t_col_lse, row_lse, col_lse, grad_row, grad_col, grad_row_lse,
+     grad_col_lse) = _in_stat(stat_dtype(query.dtype), scale, t_scale, t_row_lse, t_col_lse,
+                              row_lse, col_lse, grad_row, grad_col, grad_row_lse, grad_col_lse)
     return tuple(torch.ops.ck_native.soft_xent_bwd(query, keys, scale, t_query, t_keys, t_scale,
-                                                   t_row_lse, t_col_lse, grad_row, grad_col,
+                                                   t_row_lse, t_col_lse, row_lse, col_lse,
+                                                   grad_row, grad_col, grad_row_lse, grad_col_lse,
                                                    teacher_grad))

@@ -102,14 +102,15 @@ def soft_xent_fwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col
                                     compute_col)
 
 
-def soft_xent_bwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, grad_row,
-                  grad_col, teacher_grad):
+def soft_xent_bwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, row_lse,
+                  col_lse, grad_row, grad_col, grad_row_lse, grad_col_lse, teacher_grad):
     st = stat_dtype(query.dtype)
     rows = torch.arange(query.shape[0], device=query.device)
     q, k, a, b = (x.to(st) for x in (query, keys, t_query, t_keys))
     sc, tc = scale.to(st), t_scale.to(st)
     g_s, g_t = _soft_xent.soft_xent_grads(sc * (q @ k.T), tc * (a @ b.T), rows, t_row_lse,
-                                          t_col_lse, grad_row, grad_col, teacher_grad)
+                                          t_col_lse, row_lse, col_lse, grad_row, grad_col,
+                                          grad_row_lse, grad_col_lse, teacher_grad)
     if not teacher_grad:
         return sc * (g_s @ k), sc * (g_s.T @ q), q.new_empty(0), q.new_empty(0)
     return sc * (g_s @ k), sc * (g_s.T @ q), tc * (g_t @ b), tc * (g_t.T @ a)

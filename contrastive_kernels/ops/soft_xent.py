@@ -4,9 +4,11 @@ logits into a student's, tile by tile, one autograd site.
 ``soft_xent_fwd`` returns ``row_cross_i = Σ_j softmax_j(T)_ij·S_ij`` and (``compute_col``)
 ``col_cross_j = Σ_i softmax_i(T)_ij·S_ij`` for the student ``S = scale·query·keysᵀ`` and the teacher
 ``T = t_scale·t_query·t_keysᵀ``, given the teacher's row / column log-sum-exp (``t_row_lse``,
-``t_col_lse``: the log-sum-exp op's statistics, differentiable inputs). The soft-target
-cross-entropy of a row is then ``lse_S − row_cross``. ``soft_xent_bwd`` returns the student's and
-(``teacher_grad``) the teacher's feature gradients; the autograd site adds the scale gradients and
+``t_col_lse``: the log-sum-exp op's statistics, differentiable inputs), and from the same sweep the
+student's own row / column log-sum-exp (``row_lse``, ``col_lse``), so that the soft-target
+cross-entropy of a row is ``row_lse − row_cross`` and the contrastive loss needs no sweep of its
+own. ``soft_xent_bwd`` returns the student's and (``teacher_grad``) the teacher's feature gradients
+for the upstream gradients of all four statistics; the autograd site adds the scale gradients and
 the gradients of ``t_row_lse`` / ``t_col_lse`` (``−grad·cross``), through which the log-sum-exp op
 completes the teacher's softmax derivative.
 """
@@ -27,8 +29,9 @@ __all__ = ["soft_xent_fwd", "soft_xent_bwd"]
 @torch.library.custom_op("contrastive_kernels::soft_xent_fwd", mutates_args=())
 def soft_xent_fwd(query: Tensor, keys: Tensor, scale: Tensor, t_query: Tensor, t_keys: Tensor,
                   t_scale: Tensor, t_row_lse: Tensor, t_col_lse: Tensor, compute_col: bool,
-                  backend: str) -> tuple[Tensor, Tensor]:
-    """(row_cross (N,), col_cross (M,) or (0,)) in the statistic dtype."""
+                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(row_cross (N,), col_cross (M,) or (0,), row_lse (N,), col_lse (M,) or (0,)) in the
+    statistic dtype: the cross terms and the student's log-sum-exp, one sweep."""
     fwd, _ = implementation(backend, "soft_xent")
     with no_autocast(query.device):
         return tuple(fwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse,
@@ -39,26 +42,30 @@ def soft_xent_fwd(query: Tensor, keys: Tensor, scale: Tensor, t_query: Tensor, t
 def _soft_xent_fwd_fake(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse,
                         compute_col, backend):
     st = stat_dtype(query.dtype)
-    return (query.new_empty(query.shape[0], dtype=st),
-            query.new_empty(keys.shape[0] if compute_col else 0, dtype=st))
+    n, m = query.shape[0], keys.shape[0] if compute_col else 0
+    return (query.new_empty(n, dtype=st), query.new_empty(m, dtype=st),
+            query.new_empty(n, dtype=st), query.new_empty(m, dtype=st))
 
 
 @torch.library.custom_op("contrastive_kernels::soft_xent_bwd", mutates_args=())
 def soft_xent_bwd(query: Tensor, keys: Tensor, scale: Tensor, t_query: Tensor, t_keys: Tensor,
-                  t_scale: Tensor, t_row_lse: Tensor, t_col_lse: Tensor,
-                  grad_row: Optional[Tensor], grad_col: Optional[Tensor], teacher_grad: bool,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  t_scale: Tensor, t_row_lse: Tensor, t_col_lse: Tensor, row_lse: Tensor,
+                  col_lse: Tensor, grad_row: Optional[Tensor], grad_col: Optional[Tensor],
+                  grad_row_lse: Optional[Tensor], grad_col_lse: Optional[Tensor],
+                  teacher_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_query, grad_keys, grad_t_query, grad_t_keys) in the statistic dtype; the teacher's
     are (0,) unless ``teacher_grad``."""
     _, bwd = implementation(backend, "soft_xent")
     with no_autocast(query.device):
         return tuple(bwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse,
-                         grad_row, grad_col, teacher_grad))
+                         row_lse, col_lse, grad_row, grad_col, grad_row_lse, grad_col_lse,
+                         teacher_grad))
 
 
 @soft_xent_bwd.register_fake
 def _soft_xent_bwd_fake(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse,
-                        grad_row, grad_col, teacher_grad, backend):
+                        row_lse, col_lse, grad_row, grad_col, grad_row_lse, grad_col_lse,
+                        teacher_grad, backend):
     st = stat_dtype(query.dtype)
     empty = query.new_empty(0, dtype=st)
     return (query.new_empty(query.shape, dtype=st), keys.new_empty(keys.shape, dtype=st),
@@ -69,27 +76,29 @@ def _soft_xent_bwd_fake(query, keys, scale, t_query, t_keys, t_scale, t_row_lse,
 def _setup(ctx, inputs, output):
     (query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, compute_col,
      backend) = inputs
-    row_cross, col_cross = output
+    row_cross, col_cross, row_lse, col_lse = output
     ctx.save_for_backward(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse,
-                          row_cross, col_cross)
+                          row_cross, col_cross, row_lse, col_lse)
     ctx.compute_col, ctx.backend = compute_col, backend
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_row, grad_col):
-    (query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, row_cross,
-     col_cross) = ctx.saved_tensors
+def _backward(ctx, grad_row, grad_col, grad_row_lse, grad_col_lse):
+    (query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, row_cross, col_cross,
+     row_lse, col_lse) = ctx.saved_tensors
     need = ctx.needs_input_grad
     if not ctx.compute_col:
-        grad_col = None
-    if grad_row is None and grad_col is None:
+        grad_col = grad_col_lse = None
+    upstream = (grad_row, grad_col, grad_row_lse, grad_col_lse)
+    if all(g is None for g in upstream):
         return (None,) * 10
     st = row_cross.dtype
-    grad_row, grad_col = (None if g is None else g.to(st).contiguous() for g in (grad_row, grad_col))
+    grad_row, grad_col, grad_row_lse, grad_col_lse = (
+        None if g is None else g.to(st).contiguous() for g in upstream)
     teacher = bool(need[3] or need[4] or need[5])
     grad_q, grad_k, grad_a, grad_b = soft_xent_bwd(
-        query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, grad_row, grad_col,
-        teacher, ctx.backend)
+        query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, row_lse, col_lse,
+        grad_row, grad_col, grad_row_lse, grad_col_lse, teacher, ctx.backend)
     out = [None] * 10
     if need[0]:
         out[0] = grad_q.to(query.dtype)

@@ -75,4 +75,10 @@ void lse_fwd_impl(const LseFwdArgs<T>& a);
 template <typename T>
 void lse_bwd_impl(const LseBwdArgs<T>& a);
 
+// col_lse (M,) from `groups` per-group online column statistics (group g at col_stats + g·2·M: the
+// running maxima (M,), then the sums (M,), as the forward tile pass leaves them), merged in group
+// order: bitwise repeatable (tiling.h). Also the soft-target forward's (soft_xent_cpu.cpp).
+template <typename T>
+void merge_col_lse(const T* col_stats, int64_t groups, int64_t M, T* col_lse);
+
 }  // namespace ck::cpu

@@ -148,30 +148,35 @@ void lse_fwd_impl(const LseFwdArgs<T>& a) {
         }
       });
 
-  if (compute_col) {
-    // Merge the per-group (max, sum) pairs of every column, in group order (a fixed summation
-    // order, tiling.h): a log-sum-exp of log-sum-exps.
-    at::parallel_for(0, M, 2048, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) {
-        double m = -std::numeric_limits<double>::infinity();
-        for (int64_t g = 0; g < tl.groups; ++g) {
-          m = std::max(m, static_cast<double>(col_ptr[g * 2 * M + j]));
-        }
-        double s = 0;
-        for (int64_t g = 0; g < tl.groups; ++g) {
-          const T* cmax = col_ptr + g * 2 * M;
-          const T* csum = cmax + M;
-          // Groups whose rows only saw column j's excluded element hold (−inf, 0);
-          // `!= 0` skips them without evaluating exp(−inf − m), and keeps a NaN sum visible.
-          if (csum[j] != 0) s += static_cast<double>(csum[j]) * std::exp(cmax[j] - m);
-        }
-        a.col_lse[j] = static_cast<T>(m + std::log(s));
+  if (compute_col) merge_col_lse(col_ptr, tl.groups, M, a.col_lse);
+}
+
+template <typename T>
+void merge_col_lse(const T* col_stats, int64_t groups, int64_t M, T* col_lse) {
+  // Merge the per-group (max, sum) pairs of every column, in group order (a fixed summation
+  // order, tiling.h): a log-sum-exp of log-sum-exps.
+  at::parallel_for(0, M, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      double m = -std::numeric_limits<double>::infinity();
+      for (int64_t g = 0; g < groups; ++g) {
+        m = std::max(m, static_cast<double>(col_stats[g * 2 * M + j]));
       }
-    });
-  }
+      double s = 0;
+      for (int64_t g = 0; g < groups; ++g) {
+        const T* cmax = col_stats + g * 2 * M;
+        const T* csum = cmax + M;
+        // Groups whose rows only saw column j's excluded element hold (−inf, 0);
+        // `!= 0` skips them without evaluating exp(−inf − m), and keeps a NaN sum visible.
+        if (csum[j] != 0) s += static_cast<double>(csum[j]) * std::exp(cmax[j] - m);
+      }
+      col_lse[j] = static_cast<T>(m + std::log(s));
+    }
+  });
 }
 
 template void lse_fwd_impl<float>(const LseFwdArgs<float>&);
 template void lse_fwd_impl<double>(const LseFwdArgs<double>&);
+template void merge_col_lse<float>(const float*, int64_t, int64_t, float*);
+template void merge_col_lse<double>(const double*, int64_t, int64_t, double*);
 
 }  // namespace ck::cpu

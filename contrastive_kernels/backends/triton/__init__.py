@@ -134,9 +134,9 @@ def soft_xent_fwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col
                                             t_row_lse, t_col_lse, compute_col)
 
 
-def soft_xent_bwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, grad_row,
-                  grad_col, teacher_grad):
+def soft_xent_bwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, row_lse,
+                  col_lse, grad_row, grad_col, grad_row_lse, grad_col_lse, teacher_grad):
     """Backend ``soft_xent_bwd`` callable; see ``soft_xent.soft_xent_bwd``."""
     return _load("soft_xent").soft_xent_bwd(query, keys, scale, t_query, t_keys, t_scale,
-                                            t_row_lse, t_col_lse, grad_row, grad_col,
-                                            teacher_grad)
+                                            t_row_lse, t_col_lse, row_lse, col_lse, grad_row,
+                                            grad_col, grad_row_lse, grad_col_lse, teacher_grad)

@@ -2,9 +2,9 @@
 ``backends/_soft_xent.py``).
 
     soft_xent_fwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, compute_col)
-        -> (row_cross (N,), col_cross (M,) or (0,))
-    soft_xent_bwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, grad_row,
-                  grad_col, teacher_grad)
+        -> (row_cross (N,), col_cross (M,) or (0,), row_lse (N,), col_lse (M,) or (0,))
+    soft_xent_bwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, row_lse,
+                  col_lse, grad_row, grad_col, grad_row_lse, grad_col_lse, teacher_grad)
         -> (grad_query (N, D), grad_keys (M, D), grad_t_query (N, Dt) or (0,), grad_t_keys (M, Dt)
             or (0,))
 
@@ -18,14 +18,22 @@ the column log-sum-exp and upstream weights as the A rows'), as in ``prefix.py``
 Kernels
 -------
 ``_soft_xent_fwd_kernel``  grid (row blocks, column splits). One program owns BLOCK_M rows and
-                           sweeps its split of the columns: ``cross_i += Σ_j e^{T_ij − a_i}·S_ij``.
-                           Per-split sums (SPLIT, NA) are added on the host in split order.
-``_soft_xent_bwd_kernel``  grid (row blocks, column splits). Per tile
-                           ``G_ij = g_i·e^{T_ij − a_i} + h_j·e^{T_ij − b_j}`` (a, g of the A rows,
-                           b, h of the B rows), then ``dA_S += s·G·B_S`` and (``TEACHER``)
-                           ``dA_T += t·(G∘S)·B_T``: accumulated in registers when the feature row is
-                           resident (``D_SINGLE`` / ``DT_SINGLE``), else read-modify-written per
-                           D-chunk by the owner into its split's private float32 slice. The
+                           sweeps its split of the columns: ``cross_i += Σ_j e^{T_ij − a_i}·S_ij``
+                           and the student's online log-sum-exp of the same S tile (running max
+                           and rescaled sum, every exponential one ``exp2`` of (S − max)·log2(e),
+                           as ``forward.py``). Per-split sums and per-split log-sum-exps (SPLIT,
+                           NA) are folded on the host in split order (sum, ``torch.logsumexp``):
+                           deterministic.
+``_soft_xent_bwd_kernel``  grid (row blocks, column splits). Per tile the cross part
+                           ``G^X_ij = g_i·e^{T_ij − a_i} + h_j·e^{T_ij − b_j}`` (a, g of the A rows,
+                           b, h of the B rows; the teacher tile is not even formed when neither is
+                           given, ``CROSS``) and the student's ``G^S = G^X + u_i·e^{S_ij − r_i} +
+                           v_j·e^{S_ij − c_j}`` (r, u: the student's log-sum-exp and its upstream
+                           weight of the A rows, c, v of the B rows), then ``dA_S += s·G^S·B_S``
+                           and (``TEACHER``) ``dA_T += t·(G^X∘S)·B_T``: accumulated in registers
+                           when the feature row is resident (``D_SINGLE`` / ``DT_SINGLE``), else
+                           read-modify-written per D-chunk by the owner into its split's private
+                           float32 slice. The
                            second-stage dots are float32 (TF32 unless the input precision is
                            "ieee", as in ``prefix.py``: no power-of-two scaling of G needed).
                            Launch 1 (A = Q) gives grad_query / grad_t_query, launch 2 (A = K)
@@ -51,8 +59,9 @@ def _fwd_configs():
     # In order of preference; ``_prune`` keeps the first that fits (one compile per
     # specialisation): two operand pairs are pipelined, twice the forward's shared memory.
     # Offline sm_90 compiles (triton 3.9) fit the shared memory at bf16 D/Dt = 512/768, 200/96,
-    # fp32 128/128; the fp32 resident rows and the backward with both accumulators still spill
-    # (0.5-3 KiB). Not yet timed on a GPU.
+    # fp32 128/128; the backward still spills a little (48-96 B at D/Dt = 128/128 fp32 and at a
+    # frozen teacher's resident Dt = 96 beside the student's log-sum-exp term; none with no
+    # resident row over 64). Not yet timed on a GPU.
     return [triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=3),
             triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2),
             triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=2)]
@@ -136,7 +145,8 @@ def _pair_tiles(SA, SB, sa, sa_off, TA, TB, ta, ta_off, row_valid, n0, col_hi, s
 def _soft_xent_fwd_kernel(
     SA, SB, TA, TB, scale_ptr, t_scale_ptr,
     lse_ptr,                   # (NA,) the teacher's log-sum-exp of the A rows
-    out_ptr,                   # (SPLIT, NA) float32 partial sums
+    out_ptr,                   # (SPLIT, NA) float32 partial cross sums
+    s_lse_ptr,                 # (SPLIT, NA) float32 the student's per-split log-sum-exp
     NA, NB, D, DT, stride_sa, stride_sb, stride_ta, stride_tb, cols_per_split,
     NA_KEY, NB_KEY,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
@@ -148,6 +158,8 @@ def _soft_xent_fwd_kernel(
         BLOCK_M, BLOCK_D, BLOCK_DT, D_SINGLE, DT_SINGLE)
     lse = tl.load(lse_ptr + rows, mask=row_valid, other=0.0)
     cross = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(col_lo, col_hi, BLOCK_N):
         ss, tt, cols, col_valid, _, _, _, _ = _pair_tiles(
             SA, SB, sa, sa_off, TA, TB, ta, ta_off, row_valid, n0, col_hi, stride_sb, stride_tb,
@@ -155,7 +167,16 @@ def _soft_xent_fwd_kernel(
             PREC_T)
         p = tl.exp2((tt - lse[:, None]) * LOG2E)
         cross += tl.sum(tl.where(col_valid[None, :], p * ss, 0.0), axis=1)
-    tl.store(out_ptr + pid_s.to(tl.int64) * NA + rows, cross, mask=row_valid)
+        # online log-sum-exp of S: every tile holds a valid column (n0 < col_hi), so the new max
+        # is finite and the first tile's rescale exp2(−inf) is exactly 0 (no exclusions here)
+        s_r = tl.where(col_valid[None, :], ss, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s_r, axis=1))
+        l_i = l_i * tl.exp2((m_i - m_new) * LOG2E) + \
+            tl.sum(tl.exp2((s_r - m_new[:, None]) * LOG2E), axis=1)
+        m_i = m_new
+    o_off = pid_s.to(tl.int64) * NA + rows
+    tl.store(out_ptr + o_off, cross, mask=row_valid)
+    tl.store(s_lse_ptr + o_off, m_i + tl.log(l_i), mask=row_valid)
 
 
 @triton.jit
@@ -176,35 +197,67 @@ def _rmw_stage(h, B, b_off, b_valid, d_base, rows64, row_valid, D, BLOCK_D: tl.c
 
 
 @triton.jit
+def _row_terms(w_ptr, lse_ptr, rows, row_valid, HAS: tl.constexpr):
+    """(upstream weight, log-sum-exp) of the program's A rows for one term when ``HAS``, else
+    (0, 0), unused."""
+    if HAS:
+        return (tl.load(w_ptr + rows, mask=row_valid, other=0.0),
+                tl.load(lse_ptr + rows, mask=row_valid, other=0.0))
+    else:
+        return 0.0, 0.0
+
+
+@triton.jit
+def _softmax_terms(x, w_a, lse_a, w_b_ptr, lse_b_ptr, cols, col_valid, HAS_A: tl.constexpr,
+                   HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``w_a_i·e^{x_ij − lse_a_i}`` (``HAS_A``; the A rows' weight and statistic, loaded by
+    ``_row_terms``) ``+ w_b_j·e^{x_ij − lse_b_j}`` (``HAS_B``; the B rows', loaded here) of a
+    logit tile x, float32: the cross part of G on the teacher's tile, the log-sum-exp part on the
+    student's. Padded elements are the caller's to zero."""
+    g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_A:
+        g += w_a[:, None] * tl.exp2((x - lse_a[:, None]) * LOG2E)
+    if HAS_B:
+        w_b = tl.load(w_b_ptr + cols, mask=col_valid, other=0.0)
+        lse_b = tl.load(lse_b_ptr + cols, mask=col_valid, other=0.0)
+        g += w_b[None, :] * tl.exp2((x - lse_b[None, :]) * LOG2E)
+    return g
+
+
+@triton.jit
 def _store_rows(d_base, rows64, row_valid, D, acc, BLOCK_D: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     tl.store(d_base + rows64[:, None] * D + offs_d[None, :], acc,
              mask=row_valid[:, None] & (offs_d < D)[None, :])
 
 
-@triton.autotune(configs=_bwd_configs(), key=_KEY + ["HAS_GA", "HAS_GB", "TEACHER"],
+@triton.autotune(configs=_bwd_configs(),
+                 key=_KEY + ["HAS_GA", "HAS_GB", "HAS_UA", "HAS_UB", "TEACHER"],
                  prune_configs_by={"early_config_prune": _prune},
                  reset_to_zero=["dS_ptr", "dT_ptr"])
 @triton.jit
 def _soft_xent_bwd_kernel(
     SA, SB, TA, TB, scale_ptr, t_scale_ptr,
-    lse_a_ptr, g_a_ptr,        # per A row: the teacher's log-sum-exp and the upstream weight
+    lse_a_ptr, g_a_ptr,        # per A row: the teacher's log-sum-exp and the cross's upstream
     lse_b_ptr, g_b_ptr,        # per B row
+    s_lse_a_ptr, u_a_ptr,      # per A row: the student's log-sum-exp and its upstream weight
+    s_lse_b_ptr, u_b_ptr,      # per B row
     dS_ptr, dT_ptr,            # float32 (SPLIT, NA, D) / (SPLIT, NA, DT), zero-initialised
     NA, NB, D, DT, stride_sa, stride_sb, stride_ta, stride_tb, cols_per_split,
     NA_KEY, NB_KEY,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
     D_SINGLE: tl.constexpr, DT_SINGLE: tl.constexpr, PREC: tl.constexpr, PREC_T: tl.constexpr,
     PREC2: tl.constexpr, PREC2_T: tl.constexpr,
-    HAS_GA: tl.constexpr, HAS_GB: tl.constexpr, TEACHER: tl.constexpr,
+    HAS_GA: tl.constexpr, HAS_GB: tl.constexpr, HAS_UA: tl.constexpr, HAS_UB: tl.constexpr,
+    TEACHER: tl.constexpr,
 ):
+    CROSS: tl.constexpr = HAS_GA or HAS_GB  # the teacher tile is needed (TEACHER implies it)
     pid_s = tl.program_id(1)
     rows, row_valid, rows64, sa_off, ta_off, sa, ta, scale, t_scale, col_lo, col_hi = _row_block(
         SA, TA, scale_ptr, t_scale_ptr, NA, NB, D, DT, stride_sa, stride_ta, cols_per_split,
         BLOCK_M, BLOCK_D, BLOCK_DT, D_SINGLE, DT_SINGLE)
-    if HAS_GA:
-        ga = tl.load(g_a_ptr + rows, mask=row_valid, other=0.0)
-        lse_a = tl.load(lse_a_ptr + rows, mask=row_valid, other=0.0)
+    ga, lse_a = _row_terms(g_a_ptr, lse_a_ptr, rows, row_valid, HAS_GA)
+    ua, s_lse_a = _row_terms(u_a_ptr, s_lse_a_ptr, rows, row_valid, HAS_UA)
     ds_base = dS_ptr + pid_s.to(tl.int64) * NA * D  # this split's private slices
     dt_base = dT_ptr + pid_s.to(tl.int64) * NA * DT
     if D_SINGLE:
@@ -213,31 +266,35 @@ def _soft_xent_bwd_kernel(
         if DT_SINGLE:
             acc_t = tl.zeros((BLOCK_M, BLOCK_DT), dtype=tl.float32)
     for n0 in range(col_lo, col_hi, BLOCK_N):
-        ss, tt, cols, col_valid, sb_off, sb, tb_off, tb = _pair_tiles(
-            SA, SB, sa, sa_off, TA, TB, ta, ta_off, row_valid, n0, col_hi, stride_sb, stride_tb,
-            scale, t_scale, D, DT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DT, D_SINGLE, DT_SINGLE, PREC,
-            PREC_T)
-        g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if HAS_GA:
-            g += ga[:, None] * tl.exp2((tt - lse_a[:, None]) * LOG2E)
-        if HAS_GB:
-            gb = tl.load(g_b_ptr + cols, mask=col_valid, other=0.0)
-            lse_b = tl.load(lse_b_ptr + cols, mask=col_valid, other=0.0)
-            g += gb[None, :] * tl.exp2((tt - lse_b[None, :]) * LOG2E)
-        # padded rows/columns: exp2 of a padded logit may be anything, so zero G explicitly
-        g = tl.where(row_valid[:, None] & col_valid[None, :], g, 0.0)
-        hs = g * scale
+        # the student's tile and its log-sum-exp part first, the teacher's tile after: without
+        # the teacher's gradients S is dead before T is formed (one fewer tile live)
+        ss, cols, col_valid, sb_off, sb = scaled_tile(SA, SB, sa, sa_off, row_valid, n0, col_hi,
+                                                      stride_sb, scale, D, BLOCK_M, BLOCK_N,
+                                                      BLOCK_D, D_SINGLE, PREC)
+        # padded rows/columns: exp2 of a padded logit may be anything (inf against a zero B row
+        # would be NaN), so zero each G explicitly
+        valid = row_valid[:, None] & col_valid[None, :]
+        g = _softmax_terms(ss, ua, s_lse_a, u_b_ptr, s_lse_b_ptr, cols, col_valid, HAS_UA,
+                           HAS_UB, BLOCK_M, BLOCK_N)
+        if CROSS:
+            tt, _, _, tb_off, tb = scaled_tile(TA, TB, ta, ta_off, row_valid, n0, col_hi,
+                                               stride_tb, t_scale, DT, BLOCK_M, BLOCK_N,
+                                               BLOCK_DT, DT_SINGLE, PREC_T)
+            gx = _softmax_terms(tt, ga, lse_a, g_b_ptr, lse_b_ptr, cols, col_valid, HAS_GA,
+                                HAS_GB, BLOCK_M, BLOCK_N)
+            if TEACHER:
+                ht = tl.where(valid, gx * ss, 0.0) * t_scale
+                if DT_SINGLE:
+                    acc_t = tl.dot(ht, tb.to(tl.float32), acc_t, input_precision=PREC2_T)
+                else:
+                    _rmw_stage(ht, TB, tb_off, col_valid, dt_base, rows64, row_valid, DT,
+                               BLOCK_DT, PREC2_T)
+            g += gx
+        hs = tl.where(valid, g, 0.0) * scale
         if D_SINGLE:
             acc_s = tl.dot(hs, sb.to(tl.float32), acc_s, input_precision=PREC2)
         else:
             _rmw_stage(hs, SB, sb_off, col_valid, ds_base, rows64, row_valid, D, BLOCK_D, PREC2)
-        if TEACHER:
-            ht = g * ss * t_scale
-            if DT_SINGLE:
-                acc_t = tl.dot(ht, tb.to(tl.float32), acc_t, input_precision=PREC2_T)
-            else:
-                _rmw_stage(ht, TB, tb_off, col_valid, dt_base, rows64, row_valid, DT, BLOCK_DT,
-                           PREC2_T)
     if D_SINGLE:
         _store_rows(ds_base, rows64, row_valid, D, acc_s, BLOCK_D)
     if TEACHER:
@@ -292,13 +349,14 @@ class _Plan:
         return self.keys, self.query, self.t_keys, self.t_query
 
     def launch(self, kernel, transposed: bool, scale, t_scale, vectors, outs, **kw):
-        """One launch over (row blocks, column splits) with the shared arguments; returns the
-        number of column splits."""
+        """One launch over (row blocks, column splits) with the shared arguments; ``outs``:
+        (allocate(split, NA), fold of the (split, NA, …) buffer over its splits) pairs; returns
+        the folded buffers."""
         sa, sb, ta, tb = self.side(transposed)
         NA, NB = sa.shape[0], sb.shape[0]
         row_blocks = triton.cdiv(NA, self.BM)
         split, cps = tu.plan_split(row_blocks, NB, self.dev, self.t.split)
-        bufs = [o(split, NA) for o in outs]
+        bufs = [alloc(split, NA) for alloc, _ in outs]
         with tu.device_guard(self.dev):
             kernel[(row_blocks, split)](
                 sa, sb, ta, tb, scale, t_scale, *vectors, *bufs, NA, NB, self.D, self.DT,
@@ -307,62 +365,85 @@ class _Plan:
                 BLOCK_DT=self.BDT, D_SINGLE=self.d_single, DT_SINGLE=self.dt_single,
                 PREC=self.prec, PREC_T=self.prec_t, **kw, **tu.LAUNCH_OPTS)
         # fold the splits in order (deterministic)
-        return [b[0] if b.shape[0] == 1 else b.sum(0) for b in bufs]
+        return [b[0] if b.shape[0] == 1 else fold(b) for b, (_, fold) in zip(bufs, outs)]
+
+
+def _sum(b):
+    return b.sum(0)
+
+
+def _logsumexp(b):
+    return torch.logsumexp(b, 0)
 
 
 def _stat(x, p):
     return None if x is None else x.to(**p.f32).contiguous()
 
 
+def _side(p, t_lse, g, s_lse, u):
+    """One side's (teacher lse, cross upstream, student lse, lse upstream), float32; a statistic
+    is None where its upstream weight is (the term is absent)."""
+    g, u = _stat(g, p), _stat(u, p)
+    return (None if g is None else _stat(t_lse, p), g, None if u is None else _stat(s_lse, p), u)
+
+
 def soft_xent_fwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, compute_col):
-    """(row_cross (N,), col_cross (M,) or (0,)) float32 (module docstring)."""
+    """(row_cross (N,), col_cross (M,) or (0,), row_lse (N,), col_lse (M,) or (0,)) float32: the
+    cross terms and the student's log-sum-exp from one sweep per launch (module docstring)."""
     p = _Plan(query, keys, t_query, t_keys, bwd=False)
 
     def part(split, na):
         return torch.empty((split, na), **p.f32)
 
-    row, = p.launch(_soft_xent_fwd_kernel, False, scale, t_scale, [_stat(t_row_lse, p)], [part])
+    outs = [(part, _sum), (part, _logsumexp)]
+    row, row_lse = p.launch(_soft_xent_fwd_kernel, False, scale, t_scale, [_stat(t_row_lse, p)],
+                            outs)
     if not compute_col:
-        return row, torch.empty((0,), **p.f32)
-    col, = p.launch(_soft_xent_fwd_kernel, True, scale, t_scale, [_stat(t_col_lse, p)], [part])
-    return row, col
+        return row, torch.empty((0,), **p.f32), row_lse, torch.empty((0,), **p.f32)
+    col, col_lse = p.launch(_soft_xent_fwd_kernel, True, scale, t_scale, [_stat(t_col_lse, p)],
+                            outs)
+    return row, col, row_lse, col_lse
 
 
-def soft_xent_bwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, grad_row,
-                  grad_col, teacher_grad):
+def soft_xent_bwd(query, keys, scale, t_query, t_keys, t_scale, t_row_lse, t_col_lse, row_lse,
+                  col_lse, grad_row, grad_col, grad_row_lse, grad_col_lse, teacher_grad):
     """(grad_query, grad_keys, grad_t_query, grad_t_keys) float32, the teacher's (0,) unless
-    ``teacher_grad``: two launches (module docstring)."""
+    ``teacher_grad``: two launches (module docstring). Each upstream gradient may be None (its
+    term absent); without grad_row and grad_col the teacher's gradients are zero and its tile is
+    not formed."""
     p = _Plan(query, keys, t_query, t_keys, bwd=True)
     teacher = bool(teacher_grad)
-    if grad_row is None and grad_col is None:
-        zeros = [torch.zeros(x.shape, **p.f32) for x in (p.query, p.keys, p.t_query, p.t_keys)]
-        if not teacher:
-            zeros[2:] = [torch.empty((0,), **p.f32) for _ in range(2)]
-        return tuple(zeros)
-    row_lse, g_row = _stat(t_row_lse, p), _stat(grad_row, p)
-    col_lse, g_col = _stat(t_col_lse, p), _stat(grad_col, p)
-    if g_row is None:
-        row_lse = None
-    if g_col is None:
-        col_lse = None
+    upstream = (grad_row, grad_col, grad_row_lse, grad_col_lse)
+    cross = grad_row is not None or grad_col is not None
 
-    def buffers(dt_width):
-        def ds(split, na):
-            return torch.zeros((split, na, p.D), **p.f32)
+    def zeros(x):
+        return torch.zeros(x.shape, **p.f32) if teacher else torch.empty((0,), **p.f32)
 
-        def dt(split, na):
-            return torch.zeros((split, na, dt_width), **p.f32) if teacher else p.dummy[None]
-        return [ds, dt]
+    if all(g is None for g in upstream):
+        return (torch.zeros(p.query.shape, **p.f32), torch.zeros(p.keys.shape, **p.f32),
+                zeros(p.t_query), zeros(p.t_keys))
+    row = _side(p, t_row_lse, grad_row, row_lse, grad_row_lse)  # the query rows'
+    col = _side(p, t_col_lse, grad_col, col_lse, grad_col_lse)  # the key rows'
+    launch_teacher = teacher and cross
+
+    def ds(split, na):
+        return torch.zeros((split, na, p.D), **p.f32)
+
+    def dt(split, na):
+        return torch.zeros((split, na, p.DT), **p.f32) if launch_teacher else p.dummy[None]
 
     out = []
-    for transposed, (lse_a, g_a, lse_b, g_b) in ((False, (row_lse, g_row, col_lse, g_col)),
-                                                 (True, (col_lse, g_col, row_lse, g_row))):
-        vectors = [p.dummy if v is None else v for v in (lse_a, g_a, lse_b, g_b)]
+    for transposed, (a, b) in ((False, (row, col)), (True, (col, row))):
+        vectors = [p.dummy if v is None else v for v in (a[0], a[1], b[0], b[1],
+                                                          a[2], a[3], b[2], b[3])]
         out.append(p.launch(_soft_xent_bwd_kernel, transposed, scale, t_scale, vectors,
-                            buffers(p.DT), PREC2="ieee" if p.prec == "ieee" else "tf32",
+                            [(ds, _sum), (dt, _sum)],
+                            PREC2="ieee" if p.prec == "ieee" else "tf32",
                             PREC2_T="ieee" if p.prec_t == "ieee" else "tf32",
-                            HAS_GA=g_a is not None, HAS_GB=g_b is not None, TEACHER=teacher))
+                            HAS_GA=a[1] is not None, HAS_GB=b[1] is not None,
+                            HAS_UA=a[3] is not None, HAS_UB=b[3] is not None,
+                            TEACHER=launch_teacher))
     (gq, ga), (gk, gb) = out
-    if not teacher:  # two tensors: outputs of a custom op may not alias each other
-        ga, gb = (torch.empty((0,), **p.f32) for _ in range(2))
+    if not launch_teacher:  # two tensors: outputs of a custom op may not alias each other
+        ga, gb = zeros(p.t_query), zeros(p.t_keys)
     return gq, gk, ga, gb
