@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 from . import reference
 from ._checks import set_device_value_checks
-from .backends import BACKEND_CHOICES, availability
+from .backends import BACKEND_CHOICES, availability, cpu_isa
 from .functional import (clip_loss, distill_clip_loss, info_nce, lse_stats, nt_xent_loss, siglip_loss,
                          supcon_loss)
 from .gamma import GammaContrastiveLoss, gamma_contrastive_loss
@@ -36,6 +36,7 @@ __all__ = [
     "__version__",
     "BACKEND_CHOICES",
     "availability",
+    "cpu_isa",
     "set_device_value_checks",
     "clip_loss",
     "gamma_contrastive_loss",

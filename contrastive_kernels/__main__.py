@@ -40,7 +40,10 @@ def info() -> int:
     print(f"triton      {triton_version}")
     print(f"cpu threads {torch.get_num_threads()}")
     from contrastive_kernels.bench.schema import cpu_isa
-    print(f"cpu isa     {cpu_isa()} (SIMD path of the native CPU kernels; CK_CPU_ISA lowers it)")
+    isa = cpu_isa()
+    bf16 = ("bf16 tile GEMMs on the bf16 units" if isa == "avx512_bf16"
+            else "bfloat16 upcast to float32")
+    print(f"cpu isa     {isa} (SIMD path of the native CPU kernels, {bf16}; CK_CPU_ISA lowers it)")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             print(f"cuda:{i}      {torch.cuda.get_device_name(i)}")

@@ -198,7 +198,8 @@ def lse_op(query: Tensor, keys: Tensor, logit_scale, labels: Optional[Tensor] = 
            grad_col: Optional[Tensor] = None, grad_pos: Optional[Tensor] = None,
            dtype: torch.dtype = torch.float64, row_groups: Optional[Tensor] = None,
            col_groups: Optional[Tensor] = None, guide_query: Optional[Tensor] = None,
-           guide_keys: Optional[Tensor] = None, guide_threshold: Optional[Tensor] = None):
+           guide_keys: Optional[Tensor] = None, guide_threshold: Optional[Tensor] = None,
+           grad_logits_dtype: Optional[torch.dtype] = None):
     """The log-sum-exp op densely in ``dtype``: ``(row_lse (N,), col_lse (M,), pos (N,),
     pos_count (N,) or (0,), grad_query (N, D), grad_keys (M, D))`` with
     ``G_ij = [kept]·(g_row_i·e^{S_ij − r_i} + g_col_j·e^{S_ij − c_j}) + g_pos_i·[j ∈ P(i)]``,
@@ -206,7 +207,9 @@ def lse_op(query: Tensor, keys: Tensor, logit_scale, labels: Optional[Tensor] = 
     the positive logit, or the sum over the class positives (then ``pos_count`` is their number);
     a label on an excluded self pair is no positive. Excluded: the self pair under
     ``exclude_self``, pairs with ``row_groups[i] == col_groups[j]``, and pairs with
-    ``⟨guide_query_i, guide_keys_j⟩ > guide_threshold_i`` unless designated positive."""
+    ``⟨guide_query_i, guide_keys_j⟩ > guide_threshold_i`` unless designated positive.
+    ``grad_logits_dtype``: G is rounded to that dtype before the gradient products (the CPU
+    kernels' bf16 path rounds G to bfloat16 per tile, see _round_grad_logits)."""
     q, k = query.to(dtype), keys.to(dtype)
     n, m = q.shape[0], k.shape[0]
     s = float(logit_scale)
@@ -225,16 +228,19 @@ def lse_op(query: Tensor, keys: Tensor, logit_scale, labels: Optional[Tensor] = 
         G = G + grad_col.to(dtype)[None, :] * torch.where(excluded, zero, torch.exp(Sm - col[None, :]))
     if grad_pos is not None:
         G = G + grad_pos.to(dtype)[:, None] * positive.to(dtype)
+    G = _round_grad_logits(G, grad_logits_dtype)
     return row, col, pos, count, s * G @ k, s * G.T @ q
 
 
 def sigmoid_op(query: Tensor, keys: Tensor, logit_scale, logit_bias, row_classes=None,
                col_classes=None, diagonal: bool = True, grad_row: Optional[Tensor] = None,
-               dtype: torch.dtype = torch.float64):
+               dtype: torch.dtype = torch.float64,
+               grad_logits_dtype: Optional[torch.dtype] = None):
     """The sigmoid op densely in ``dtype``: ``(row_loss (N,), grad_query (N, D), grad_keys (M, D),
     grad_bias_row (N,))``: row sums of softplus(−z·(S + b)) with z = +1 on positives (equal
     classes, or the diagonal when ``diagonal``), ``G = g_row·(−z)·σ(−z·(S + b))``, the bias
-    gradient of each row ``Σ_j G_ij``."""
+    gradient of each row ``Σ_j G_ij`` (from G itself; ``grad_logits_dtype`` as in lse_op rounds
+    G for the two gradient products only)."""
     q, k = query.to(dtype), keys.to(dtype)
     n, m = q.shape[0], k.shape[0]
     s = float(logit_scale)
@@ -250,4 +256,12 @@ def sigmoid_op(query: Tensor, keys: Tensor, logit_scale, logit_bias, row_classes
     if grad_row is None:
         grad_row = torch.ones(n, dtype=dtype, device=q.device)
     G = grad_row.to(dtype)[:, None] * -z * torch.sigmoid(x)
-    return loss, s * G @ k, s * G.T @ q, G.sum(1)
+    Gr = _round_grad_logits(G, grad_logits_dtype)
+    return loss, s * Gr @ k, s * Gr.T @ q, G.sum(1)
+
+
+def _round_grad_logits(G: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
+    """G rounded to ``dtype`` and back (None: unchanged): a model of kernels that feed G to 16-bit
+    matrix units, as the native CPU kernels' bf16 path does (products of the rounded values exact,
+    the sums in G's dtype)."""
+    return G if dtype is None else G.to(dtype).to(G.dtype)

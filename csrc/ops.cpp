@@ -39,8 +39,9 @@
 //   row_loss_i = Σ_j softplus(−z_ij·L_ij)
 //   sigmoid_bwd: G_ij = grad_row_i·(−z_ij)·σ(−z_ij·L_ij); grad_query = s·G·K, grad_keys = s·Gᵀ·Q,
 //            grad_bias_row_i = Σ_j G_ij.
-// cpu_isa(): the SIMD path the CPU float32 kernels take now ("avx512", "avx2" or "scalar"),
-// honouring CK_CPU_ISA as they do.
+// cpu_isa(): the SIMD path the CPU kernels take now ("avx512_bf16", "avx512", "avx2" or "scalar";
+// avx512_bf16: bfloat16 inputs of the LSE and sigmoid families on the bf16 units), honouring
+// CK_CPU_ISA as they do.
 
 #include <Python.h>
 

@@ -209,7 +209,17 @@ __all__ = [name for name in dir() if not name.startswith("_")] + ["reference"]
 # SIMD paths of the native CPU kernels
 # ---------------------------------------------------------------------------------------------
 
-ISA_ORDER = ("scalar", "avx2", "avx512")
+ISA_ORDER = ("scalar", "avx2", "avx512", "avx512_bf16")
+
+
+def grad_logits_dtype(dtype: torch.dtype):
+    """What the native CPU kernels round G to for their gradient products: bfloat16 on the bf16
+    path (bfloat16 inputs, cpu_isa() avx512_bf16), nothing otherwise. A `same` reference of the
+    relative rule that rounds G the same way (reference.lse_op / sigmoid_op grad_logits_dtype)
+    holds the bf16 path to the accuracy of its own model: float32 statistics, G rounded to bf16,
+    float32 sums."""
+    bf16_units = dtype == torch.bfloat16 and torch.ops.ck_native.cpu_isa() == "avx512_bf16"
+    return torch.bfloat16 if bf16_units else None
 
 
 def select_isa(monkeypatch, isa: str) -> None:

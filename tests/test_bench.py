@@ -105,6 +105,23 @@ def test_every_configuration_builds_points():
         assert small and all(p.n <= 128 and p.d == 32 for p in small), name
 
 
+def test_bf16_configuration_times_mm_and_clip_in_both_dtypes(tmp_path):
+    """`bench bf16`: torch.mm and ck.cpu's clip in bfloat16 and float32 in one run, one CSV of the
+    one schema (the isa column filled), and the speed-ups in the summary."""
+    code = bench_main(["bf16", "--dry-run", "--quiet", "--no-plot", "--no-roof",
+                       "--out", str(tmp_path)])
+    assert code == 0
+    name, rows = _rows(tmp_path)
+    got = {(r["op"], r["provider"], r["dtype"]) for r in rows if r["ms_p50"]}
+    assert got == {(op, prov, dt) for op, prov in (("mm", "torch.mm"), ("clip", "ck.cpu"))
+                   for dt in ("bfloat16", "float32")}
+    assert all(r["isa"] for r in rows)
+    from contrastive_kernels.bench import _bf16_ratios, _rows_from_csv
+    lines = _bf16_ratios(_rows_from_csv(str(tmp_path / name)))
+    assert [line.split(" N=")[0] for line in lines] == ["bf16 speed-up mm torch.mm",
+                                                        "bf16 speed-up clip ck.cpu"]
+
+
 def test_list_and_help_are_fast_and_name_the_configurations(tmp_path):
     proc = _run(["--list"], tmp_path)
     assert proc.returncode == 0

@@ -146,6 +146,20 @@ def test_native_cpu_bitwise_repeatable_float64(family, two_threads, monkeypatch)
     _assert_repeatable(fn, shapes, d, "cpu", torch.float64)
 
 
+@pytest.mark.parametrize("family", ["clip", "nt_xent", "supcon", "siglip_labels"])
+def test_native_cpu_bitwise_repeatable_bf16(family, two_threads, monkeypatch):
+    """bfloat16 inputs: on the bf16 dot-product path (the CPU's default where it has the units)
+    and on the upcast path; the packed operands and the per-tile bf16 G keep the same guarantee."""
+    require_backend("cpu")
+    for key, value in BLOCK_ENV["small-blocks"].items():
+        monkeypatch.setenv(key, value)
+    n, m, d = SIZES["small-blocks"]
+    shapes, fn = _family_fn(family, n, m, d)
+    for isa in ("avx512_bf16", "avx512"):
+        monkeypatch.setenv("CK_CPU_ISA", isa)
+        _assert_repeatable(fn, shapes, d, "cpu", torch.bfloat16)
+
+
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
 @pytest.mark.parametrize("family", ["clip", "lse_col_labels", "supcon", "siglip_labels"])
 def test_pytorch_backends_bitwise_repeatable(family, backend, two_threads, monkeypatch):

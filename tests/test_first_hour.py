@@ -77,7 +77,8 @@ def test_benchmark_rows_carry_isa_and_load():
     import torch
     assert "isa" in schema.COLUMNS and "loadavg" in schema.COLUMNS
     facts = schema.base_facts(torch.device("cpu"), "perf_counter")
-    assert facts["isa"] in ("avx512", "avx2", "scalar") or facts["isa"].startswith("n/a")
+    assert (facts["isa"] in ("avx512_bf16", "avx512", "avx2", "scalar")
+            or facts["isa"].startswith("n/a"))
 
 
 def test_quick_experiments_write_outside_the_committed_results():

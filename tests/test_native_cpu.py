@@ -7,6 +7,7 @@ import platform
 
 import pytest
 import torch
+import contrastive_kernels as ck
 from contrastive_kernels import reference
 from helpers import select_isa
 
@@ -82,7 +83,11 @@ SHAPE_LABEL_CASES = [pytest.param(n, m, d, labels, id=f"{(n, m, d)}-{'labels' if
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
                          ids=lambda t: str(t).split(".")[-1])
 @pytest.mark.parametrize("n,m,d,labels", SHAPE_LABEL_CASES)
-def test_fwd_bwd_matches_exact(n, m, d, dtype, labels):
+def test_fwd_bwd_matches_exact(monkeypatch, n, m, d, dtype, labels):
+    if dtype == torch.bfloat16:
+        # The upcast path, held to float32 accuracy; the bf16 dot-product path (G rounded to bf16)
+        # is tested against its own model in test_native_cpu_families.py (test_*_bf16_paths).
+        monkeypatch.setenv("CK_CPU_ISA", "avx512")
     q, k, scale, lab, grads = make(n, m, d, dtype, labels=labels)
     outs = run(q, k, scale, lab, grads)
     assert all(o.dtype == STAT[dtype] for o in outs)
@@ -200,21 +205,23 @@ def _hardware_isa():
     if flags is None:
         return None
     if {"avx512f", "avx2", "fma"} <= set(flags):
-        return "avx512"
+        return "avx512_bf16" if {"avx512_bf16", "avx512bw", "avx512vl"} <= set(flags) else "avx512"
     return "avx2" if {"avx2", "fma"} <= set(flags) else "scalar"
 
 
-@pytest.mark.parametrize("want", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("want", ["scalar", "avx2", "avx512", "avx512_bf16"])
 def test_cpu_isa_reports_the_path(monkeypatch, want):
     """cpu_isa() names the path CK_CPU_ISA selects, lowered to what the hardware supports."""
-    order = ["scalar", "avx2", "avx512"]
+    order = ["scalar", "avx2", "avx512", "avx512_bf16"]
     monkeypatch.delenv("CK_CPU_ISA", raising=False)
     hw = torch.ops.ck_native.cpu_isa()
     assert hw in order
     if _hardware_isa() is not None and platform.machine() in ("x86_64", "AMD64"):
         assert hw == _hardware_isa()
     monkeypatch.setenv("CK_CPU_ISA", want)
-    assert torch.ops.ck_native.cpu_isa() == order[min(order.index(want), order.index(hw))]
+    expected = order[min(order.index(want), order.index(hw))]
+    assert torch.ops.ck_native.cpu_isa() == expected
+    assert ck.cpu_isa() == expected  # the public name reports the same path
 
 
 def test_bad_tile_env(monkeypatch):

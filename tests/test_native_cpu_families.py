@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from contrastive_kernels import reference
-from helpers import IN_CI, assert_close_f64, assert_relative_rule, select_isa
+from helpers import IN_CI, assert_close_f64, assert_relative_rule, grad_logits_dtype, select_isa
 
 _native = pytest.importorskip("contrastive_kernels._native")
 _ok, _why = _native.load()
@@ -36,16 +36,18 @@ def dtype_id(t):
 # ---------------------------------------------------------------------------------------------
 
 def lse_exact(q, k, scale, labels, row_cls, col_cls, exclude_self, grad_row, grad_col, grad_pos,
-              dtype=torch.float64):
+              dtype=torch.float64, grad_logits_dtype=None):
     """(row_lse, col_lse, pos, pos_count, grad_query, grad_keys) of the op contract, in `dtype`:
     the one dense oracle (contrastive_kernels.reference.lse_op)."""
     return reference.lse_op(q, k, scale, labels, row_cls, col_cls, exclude_self, grad_row,
-                            grad_col, grad_pos, dtype=dtype)
+                            grad_col, grad_pos, dtype=dtype, grad_logits_dtype=grad_logits_dtype)
 
 
-def sigmoid_exact(q, k, scale, bias, row_cls, col_cls, diagonal, grad_row, dtype=torch.float64):
+def sigmoid_exact(q, k, scale, bias, row_cls, col_cls, diagonal, grad_row, dtype=torch.float64,
+                  grad_logits_dtype=None):
     """(row_loss, grad_query, grad_keys, grad_bias_row) of SigLIP, in `dtype` (reference.sigmoid_op)."""
-    return reference.sigmoid_op(q, k, scale, bias, row_cls, col_cls, diagonal, grad_row, dtype=dtype)
+    return reference.sigmoid_op(q, k, scale, bias, row_cls, col_cls, diagonal, grad_row,
+                                dtype=dtype, grad_logits_dtype=grad_logits_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +119,8 @@ def run_lse(q, k, scale, labels, rc, cc, excl, grads, compute_col=True):
 def check_lse(q, k, scale, labels, rc, cc, excl, grads, dtype, compute_col=True):
     outs = run_lse(q, k, scale, labels, rc, cc, excl, grads, compute_col)
     gt = lse_exact(q, k, scale, labels, rc, cc, excl, *grads)
-    same = lse_exact(q, k, scale, labels, rc, cc, excl, *grads, dtype=STAT[dtype])
+    same = lse_exact(q, k, scale, labels, rc, cc, excl, *grads, dtype=STAT[dtype],
+                     grad_logits_dtype=grad_logits_dtype(dtype))
     keep = [i for i in range(6) if i != 1 or compute_col]
     if not compute_col:
         assert outs[1].shape == (0,) and outs[1].dtype == STAT[dtype]
@@ -288,7 +291,8 @@ def check_sigmoid(q, k, scale, bias, rc, cc, diagonal, grad_row, dtype):
     dq, dk, db = ops.sigmoid_bwd(q, k, scale, bias, rc, cc, diagonal, grad_row)
     outs = (loss, dq, dk, db)
     gt = sigmoid_exact(q, k, scale, bias, rc, cc, diagonal, grad_row)
-    same = sigmoid_exact(q, k, scale, bias, rc, cc, diagonal, grad_row, dtype=STAT[dtype])
+    same = sigmoid_exact(q, k, scale, bias, rc, cc, diagonal, grad_row, dtype=STAT[dtype],
+                         grad_logits_dtype=grad_logits_dtype(dtype))
     compare(outs, gt, same, dtype, SIG_NAMES)
     return outs
 
@@ -455,10 +459,139 @@ def test_sigmoid_checks_features_like_lse():
 def test_bad_isa_env(monkeypatch):
     monkeypatch.setenv("CK_CPU_ISA", "AVX2")
     with pytest.raises(RuntimeError,
-                       match="CK_CPU_ISA must be avx512, avx2 or scalar .*got 'AVX2'"):
+                       match="CK_CPU_ISA must be avx512_bf16, avx512, avx2 or scalar .*got 'AVX2'"):
         ops.cpu_isa()
     with pytest.raises(RuntimeError, match="CK_CPU_ISA must be"):
         _sig_fwd()
+
+
+# ---------------------------------------------------------------------------------------------
+# bfloat16 inputs: the bf16 dot-product path and the upcast path
+# ---------------------------------------------------------------------------------------------
+
+BF16_PATHS = ["bf16_units", "upcast"]
+# Ragged on purpose: odd D (an unpaired last k), N, M and D off the 6-row strips and 64-column
+# panels of the bf16 GEMM, one-element and one-row problems.
+BF16_SHAPES = [(1, 1, 1), (5, 3, 2), (13, 70, 33), (37, 130, 7), (130, 37, 130), (257, 200, 64),
+               (7, 300, 257)]
+BF16_TILES = [{}, {"CK_CPU_BLOCK_ROWS": "7", "CK_CPU_BLOCK_COLS": "33"}]
+
+
+def use_bf16_path(monkeypatch, path):
+    """bf16_units: bfloat16 tile GEMMs on the bf16 dot-product units (skipped on a CPU without
+    them); upcast: bfloat16 converted to float32 once, float32 GEMMs (CK_CPU_ISA=avx512)."""
+    if path == "bf16_units":
+        select_isa(monkeypatch, "avx512_bf16")
+    else:
+        monkeypatch.setenv("CK_CPU_ISA", "avx512")
+        assert ops.cpu_isa() != "avx512_bf16"
+
+
+@pytest.mark.parametrize("tiles", BF16_TILES, ids=["default-tiles", "odd-tiles"])
+@pytest.mark.parametrize("mode", ["diagonal", "labels", *MODES])
+@pytest.mark.parametrize("path", BF16_PATHS)
+def test_lse_bf16_paths(monkeypatch, path, mode, tiles):
+    """Every output of the LSE op with bfloat16 inputs on both paths, against the float64 truth
+    by the relative rule (check_lse: the statistics as float32, the gradients as their model with
+    G rounded to bf16 on the bf16 path)."""
+    use_bf16_path(monkeypatch, path)
+    for key, val in tiles.items():
+        monkeypatch.setenv(key, val)
+    for n, m, d in BF16_SHAPES:
+        if mode == "diagonal" and m < n:
+            continue
+        seed = n + 3 * m + d
+        q, k = features(n, m, d, torch.bfloat16, seed=seed)
+        if mode == "diagonal":
+            labels, rc, cc, excl = None, None, None, False
+        elif mode == "labels":
+            labels, rc, cc, excl = labels_with_self(n, m, seed), None, None, False
+        else:
+            labels, rc, cc, excl = lse_case(n, m, mode, seed)
+        check_lse(q, k, torch.tensor(10.0), labels, rc, cc, excl,
+                  upstream(n, m, torch.float32, seed), torch.bfloat16)
+
+
+@pytest.mark.parametrize("tiles", BF16_TILES, ids=["default-tiles", "odd-tiles"])
+@pytest.mark.parametrize("mode", ["diagonal", "negatives", "classes"])
+@pytest.mark.parametrize("path", BF16_PATHS)
+def test_sigmoid_bf16_paths(monkeypatch, path, mode, tiles):
+    use_bf16_path(monkeypatch, path)
+    for key, val in tiles.items():
+        monkeypatch.setenv(key, val)
+    for n, m, d in BF16_SHAPES:
+        seed = n + 3 * m + d
+        q, k = features(n, m, d, torch.bfloat16, seed=seed)
+        rc, cc, diagonal = sigmoid_case(n, m, mode, seed)
+        check_sigmoid(q, k, torch.tensor(10.0), torch.tensor(-10.0), rc, cc, diagonal,
+                      upstream(n, m, torch.float32, seed)[0], torch.bfloat16)
+
+
+def test_bf16_path_switch(monkeypatch):
+    """CK_CPU_ISA switches the bf16 units on and off for bfloat16 inputs only: their gradients
+    differ between the paths (G rounded to bf16 on one), their statistics agree to float32
+    accuracy, and float32 inputs give the same bits on both settings."""
+    select_isa(monkeypatch, "avx512_bf16")
+    n, m, d = 130, 257, 37
+    grads = upstream(n, m, torch.float32)
+    outs = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        q, k = features(n, m, d, dtype, seed=12)
+        for isa in ("avx512_bf16", "avx512"):
+            monkeypatch.setenv("CK_CPU_ISA", isa)
+            outs[dtype, isa] = run_lse(q, k, torch.tensor(10.0), None, None, None, False, grads)
+    for a, b in zip(outs[torch.float32, "avx512_bf16"], outs[torch.float32, "avx512"]):
+        assert torch.equal(a, b)
+    bf, up = outs[torch.bfloat16, "avx512_bf16"], outs[torch.bfloat16, "avx512"]
+    for i in (0, 1, 2):
+        assert (bf[i] - up[i]).abs().max() <= 1e-5 * up[i].abs().max()
+    for i in (4, 5):
+        assert not torch.equal(bf[i], up[i])
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_bf16_units_at_least_as_accurate_as_dense_bf16_autograd(monkeypatch, loss):
+    """What a user training under bf16 gets: the loss and every gradient of ck's bf16 path are no
+    further from the float64 truth than PyTorch's own dense bf16 computation of the same loss
+    (logits, softmax/sigmoid and both gradient products in bf16, as under autocast), element by
+    element within the relative rule at factor 1."""
+    import contrastive_kernels as ck
+    select_isa(monkeypatch, "avx512_bf16")
+    n, d = 300, 96
+
+    def dense(q, k, scale, bias):
+        logits = scale * q @ k.T
+        if loss == "clip":
+            target = torch.arange(n)
+            return 0.5 * (torch.nn.functional.cross_entropy(logits, target)
+                          + torch.nn.functional.cross_entropy(logits.T, target))
+        z = 2 * torch.eye(n, dtype=logits.dtype) - 1
+        return -torch.nn.functional.logsigmoid(z * (logits + bias)).sum() / n
+
+    def fused(q, k, scale, bias):
+        if loss == "clip":
+            return ck.clip_loss(q, k, scale, backend="cpu")
+        return ck.siglip_loss(q, k, scale, bias, backend="cpu")
+
+    q0, k0 = features(n, n, d, torch.bfloat16, seed=5)
+    results = {}
+    for name, fn, dtype in (("truth", dense, torch.float64), ("dense_bf16", dense, torch.bfloat16),
+                            ("ck_bf16", fused, torch.bfloat16)):
+        q = q0.to(dtype).requires_grad_()
+        k = k0.to(dtype).requires_grad_()
+        scale = torch.tensor(10.0, dtype=dtype, requires_grad=True)
+        bias = torch.tensor(-10.0, dtype=dtype, requires_grad=True)
+        out = fn(q, k, scale, bias)
+        grads = torch.autograd.grad(out, (q, k, scale, bias), allow_unused=True)
+        results[name] = (out, *grads)
+    names = ("loss", "grad_query", "grad_keys", "grad_scale", "grad_bias")
+    for i, name in enumerate(names):
+        gt = results["truth"][i]
+        if gt is None:  # clip: the bias is not an input
+            continue
+        assert_relative_rule(results["ck_bf16"][i].reshape(gt.shape),
+                             results["dense_bf16"][i].reshape(gt.shape), gt, torch.bfloat16,
+                             name=f"{loss} {name}", factor=1.0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from contrastive_kernels import reference
-from helpers import IN_CI, assert_close_f64, assert_relative_rule, select_isa
+from helpers import IN_CI, assert_close_f64, assert_relative_rule, grad_logits_dtype, select_isa
 
 _native = pytest.importorskip("contrastive_kernels._native")
 _ok, _why = _native.load()
@@ -108,14 +108,16 @@ def run(q, k, scale, labels, rc, cc, excl, grads, masks, compute_col=True):
     return r, c, p, cnt, dq, dk
 
 
-def oracle(q, k, scale, labels, rc, cc, excl, grads, masks, dtype=torch.float64):
-    return reference.lse_op(q, k, scale, labels, rc, cc, excl, *grads, dtype=dtype, **masks)
+def oracle(q, k, scale, labels, rc, cc, excl, grads, masks, dtype=torch.float64, gl_dtype=None):
+    return reference.lse_op(q, k, scale, labels, rc, cc, excl, *grads, dtype=dtype,
+                            grad_logits_dtype=gl_dtype, **masks)
 
 
 def compare(outs, q, k, scale, labels, rc, cc, excl, grads, masks, dtype, compute_col=True):
     st = STAT[dtype]
     gt = oracle(q, k, scale, labels, rc, cc, excl, grads, masks)
-    same = oracle(q, k, scale, labels, rc, cc, excl, grads, masks, dtype=st)
+    same = oracle(q, k, scale, labels, rc, cc, excl, grads, masks, dtype=st,
+                  gl_dtype=grad_logits_dtype(dtype))
     for i, (name, out) in enumerate(zip(NAMES, outs)):
         assert out.dtype == st, f"{name}: dtype {out.dtype}"
         assert not torch.isnan(out).any(), f"{name} has NaN"

@@ -93,6 +93,23 @@ def availability(name: str) -> tuple[bool, str]:
     raise ValueError(f"unknown backend {name!r}; choose from {BACKEND_CHOICES}")
 
 
+def cpu_isa() -> str:
+    """The code path the native CPU backend takes right now, or why there is none.
+
+    ``"avx512_bf16"``: AVX-512 tile passes, and bfloat16 inputs of the log-sum-exp and sigmoid
+    families multiplied on the CPU's bf16 dot-product units (AVX512-BF16) with float32
+    accumulation; ``"avx512"``, ``"avx2"``, ``"scalar"``: the SIMD level of the float32 tile
+    passes, bfloat16 and float16 inputs converted to float32 once. float16 is always converted
+    (no fp16 dot-product path). ``CK_CPU_ISA`` lowers it (read at every call);
+    ``"n/a (...)"`` when the native extension is not usable."""
+    try:
+        from .. import _native
+        ok, why = _native.load()
+        return torch.ops.ck_native.cpu_isa() if ok else f"n/a (no native extension: {why})"
+    except Exception as exc:  # noqa: BLE001 - a fact to report, never a failure
+        return f"n/a ({type(exc).__name__}: {exc})"
+
+
 def device_ok(name: str, device: torch.device) -> tuple[bool, str]:
     """Whether backend ``name`` runs on tensors of ``device`` (and why not)."""
     if name == "cpu" and device.type != "cpu":

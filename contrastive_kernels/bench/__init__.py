@@ -97,8 +97,11 @@ def _print_table(rows: list, cpu: bool, file=sys.stdout) -> None:
             f"{'% roof':>7} {'vs dense':>9}  note")
     print(head, file=file)
     print("-" * len(head), file=file)
+    # A table of several dtypes (bench bf16) names each row's dtype beside its provider.
+    mixed = len({r.get("dtype") for r in rows if r.get("dtype")}) > 1
     for r in rows:
-        name = r["provider"] + (" *" if r.get("ours") else "")
+        name = r["provider"] + (f" [{r['dtype']}]" if mixed and r.get("dtype") else "")
+        name += " *" if r.get("ours") else ""
         if r.get("provider") == "copy_bw":
             print(f"{name:<30} {'':>7} {'':>28} {'':>14} {'':>9} {'':>7} {'':>9}  "
                   f"{r.get('gbps') or 0:.0f} GB/s {r.get('note', '')}", file=file)
@@ -117,6 +120,23 @@ def _print_table(rows: list, cpu: bool, file=sys.stdout) -> None:
               f"{r.get('note', '')}", file=file)
     print("* = this library (contrastive_kernels); % roof is against the gemm_ceiling row; "
           "vs dense = dense time / provider time (> 1: faster)", file=file)
+
+
+def _bf16_ratios(rows: list) -> list:
+    """float32 time / bfloat16 time of torch.mm and of each clip provider run in both dtypes at
+    the same N and D (the ``bf16`` configuration)."""
+    times = {}
+    for r in rows:
+        if r.get("ms_p50") is not None and r.get("op") in ("mm", "clip") and r.get("mode") in (
+                "mm", "fwd_bwd"):
+            times[(r["op"], r["provider"], r["n"], r["d"], r["dtype"])] = r["ms_p50"]
+    lines = []
+    for (op, prov, n, d, dt), ms in times.items():
+        fp32 = times.get((op, prov, n, d, "float32"))
+        if dt == "bfloat16" and fp32:
+            lines.append(f"bf16 speed-up {op} {prov} N=M={n} D={d}: {fp32 / ms:.2f}x "
+                         f"(float32 {fp32:.4g} ms, bfloat16 {ms:.4g} ms)")
+    return lines
 
 
 def summary(rows: list, file=sys.stdout) -> None:
@@ -155,6 +175,7 @@ def summary(rows: list, file=sys.stdout) -> None:
         c, t = by.get(key + ("ck.cuda",)), by.get(key + ("ck.triton",))
         if c and t:
             lines.append(f"  cuda / triton time: {c['ms_p50'] / t['ms_p50']:.2f}x  (target <= 1.25x)")
+    lines += _bf16_ratios(rows)
     for r in rows:
         if not str(r.get("config", "")).startswith("huge"):
             continue

@@ -98,6 +98,16 @@ def _cpu_tune(args, device):
     return pts
 
 
+def _bf16(args, device):
+    """bfloat16 against float32 in one run (issue 25): torch.mm and the clip loss on the native CPU
+    kernels, the mm points first so that both ratios come from the same minutes of the machine."""
+    n = (args.n or [8192])[0]
+    d = args.d or 256
+    prov = _providers(args, "clip", device, ["ck.cpu"])
+    mms = [Point("mm", n, d, dt, "mm", ["torch.mm"]) for dt in ("bfloat16", "float32")]
+    return mms + [Point("clip", n, d, dt, "fwd_bwd", prov) for dt in ("bfloat16", "float32")]
+
+
 # Host-side alternatives of the Triton backend at the headline point (benchmarks/NOTES.md).
 _TRITON_VARIANTS = [
     ("bwd=gemm", {"CK_TRITON_BWD": "gemm"}),
@@ -136,6 +146,8 @@ CONFIGS = {c.name: c for c in [
            _gpu_variants, repeats=5, warmup=1, memory=False, minutes="~1 min on a GPU (estimate)"),
     Config("cpu-tune", "tile sizes of the native CPU kernels (CK_CPU_BLOCK_ROWS/COLS)",
            _cpu_tune, repeats=5, warmup=1, memory=False, minutes="~3 min at N=8192 (estimate)"),
+    Config("bf16", "bf16 vs fp32 on the CPU: torch.mm and clip fwd_bwd (ck.cpu), N=M=8192, D=256",
+           _bf16, repeats=5, warmup=1, memory=False, minutes="~1 min on 2 CPU cores"),
     Config("siglip", "sigmoid loss fwd+bwd vs N: ck vs open_clip's SigLipLoss and dense",
            _family("siglip", (1024, 2048, 4096, 8192), 256), minutes="~4 min on 2 CPU cores"),
     Config("supcon", "SupCon fwd+bwd vs N: ck vs pytorch-metric-learning and dense",

@@ -52,6 +52,8 @@ def canonical(name: str) -> str:
 
 
 def all_providers(op: str) -> tuple:
+    if op == "mm":  # the dense product itself (bench bf16): no loss, no backend
+        return ("torch.mm",)
     return PEERS[op] + tuple(f"ck.{b}" for b in BACKEND_NAMES)
 
 

@@ -22,7 +22,7 @@ import torch
 from .. import _memprobe
 from . import providers as P
 from .schema import CsvSink, base_facts, loadavg
-from .timing import Timer, copy_bandwidth, default_timer, gemm_ceiling, percentile
+from .timing import Timer, copy_bandwidth, default_timer, gemm_ceiling, mm_ms, percentile
 
 MIB = float(1 << 20)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -252,6 +252,8 @@ class Runner:
     def run_point(self, pt: Point, progress: Optional[Progress] = None) -> list[dict]:
         s, dev = self.s, self.s.device
         dtype = DTYPES[pt.dtype]
+        if pt.op == "mm":
+            return [self.run_mm(pt, dtype, progress)]
         timer_kind = default_timer(dev, pt.mode) if s.timer == "auto" else s.timer
         if timer_kind == "do_bench" and pt.mode == "bwd":
             timer_kind = "events"
@@ -398,6 +400,22 @@ class Runner:
                 speedup_vs_dense=(dense_ms / p50) if dense_ms and p != "dense" else None,
                 note="; ".join(notes))))
         return out
+
+    def run_mm(self, pt: Point, dtype: torch.dtype, progress: Optional[Progress]) -> dict:
+        """An ``op="mm"`` point: torch.mm (N×D)·(D×N) (CPU: all threads), 2·N²·D FLOPs."""
+        s = self.s
+        timer = Timer(s.device, "events" if s.device.type == "cuda" else "perf_counter")
+        with _Env(pt.env):
+            ts = mm_ms(pt.n, pt.d, dtype, timer, s.warmup + s.repeats, s.seed)[s.warmup:]
+        if progress:
+            progress.step(f"mm N={pt.n} {pt.dtype}", s.warmup + s.repeats + int(s.memory))
+        p50 = percentile(ts, 50)
+        return self.emit(dict(op="mm", provider="torch.mm", ours=False, mode="mm", dtype=pt.dtype,
+                              n=pt.n, m=pt.n, d=pt.d, ms_p50=p50, ms_p20=percentile(ts, 20),
+                              ms_p80=percentile(ts, 80), repeats=len(ts),
+                              tflops=2.0 * pt.n * pt.n * pt.d / (p50 * 1e-3) / 1e12,
+                              note=f"torch.mm ({pt.n}x{pt.d})·({pt.d}x{pt.n}), preallocated output",
+                              _timer=timer.kind))
 
     def run(self, points: list) -> list[dict]:
         s = self.s

@@ -22,7 +22,8 @@ COLUMNS = (
 # Units: ms (wall time of one call), MiB (peak memory beyond the inputs), TFLOP/s (the op family's
 # exact fused FLOP count divided by time, whatever the provider really executes), % of the same
 # run's roof row, GB/s (bandwidth rows only). ``isa``: the native CPU kernels' SIMD path
-# (``torch.ops.ck_native.cpu_isa()``: avx512 / avx2 / scalar) on CPU rows; ``loadavg``: the 1-minute load average when
+# (``torch.ops.ck_native.cpu_isa()``: avx512_bf16 / avx512 / avx2 / scalar;
+# avx512_bf16 = bfloat16 tile GEMMs on the bf16 units) on CPU rows; ``loadavg``: the 1-minute load average when
 # the row was measured (above the core count, the timings are noisy).
 
 
@@ -77,15 +78,9 @@ def git_commit() -> str:
 
 
 def cpu_isa() -> str:
-    """The SIMD path of the native CPU kernels, or why there is none."""
-    try:
-        import torch
-
-        from .. import _native
-        ok, _ = _native.load()
-        return torch.ops.ck_native.cpu_isa() if ok else "n/a (no native extension)"
-    except Exception as exc:  # noqa: BLE001 - a fact for the CSV, never a failure
-        return f"n/a ({type(exc).__name__})"
+    """The SIMD path of the native CPU kernels, or why there is none (backends.cpu_isa)."""
+    from ..backends import cpu_isa as native_cpu_isa
+    return native_cpu_isa()
 
 
 def base_facts(device, timer: str) -> dict:

@@ -132,8 +132,8 @@ def gemm_ceiling(device: torch.device, dtype: torch.dtype, n: int, d: int, timer
     gen = torch.Generator(device="cpu").manual_seed(seed)
     mm_dtype = dtype if device.type == "cuda" or dtype != torch.float64 else torch.float64
     if device.type == "cpu":
-        if mm_dtype in (torch.float16, torch.bfloat16):
-            mm_dtype = torch.float32  # the CPU kernels convert 16-bit inputs to float32 once
+        if mm_dtype == torch.float16 or (mm_dtype == torch.bfloat16 and not cpu_bf16_units()):
+            mm_dtype = torch.float32  # the CPU kernels convert these 16-bit inputs to float32 once
         threads = torch.get_num_threads()
         shapes = [(512, d, 256), (n, d, n)]
         tile_reps = 8  # tile products are ~1 ms: time several per sample
@@ -170,6 +170,24 @@ def gemm_ceiling(device: torch.device, dtype: torch.dtype, n: int, d: int, timer
                         note=f"torch.mm ({rows}x{inner})·({inner}x{rows}) {mm_dtype}")
         del a, b
     return best
+
+
+def cpu_bf16_units() -> bool:
+    """Whether the native CPU kernels run bfloat16 tile GEMMs on the bf16 dot-product units now."""
+    from .schema import cpu_isa
+
+    return cpu_isa() == "avx512_bf16"
+
+
+def mm_ms(n: int, d: int, dtype: torch.dtype, timer: Timer, repeats: int, seed: int = 0) -> list:
+    """Milliseconds of torch.mm (n×d)·(d×n) into a preallocated n×n output of ``dtype`` on the
+    timer's device (all threads): the dense product a fused kernel's rate is compared with."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, d, generator=gen).to(device=timer.device, dtype=dtype)
+    b = torch.randn(d, n, generator=gen).to(device=timer.device, dtype=dtype)
+    out = torch.empty(n, n, dtype=dtype, device=timer.device)
+    torch.mm(a, b, out=out)  # warm-up
+    return [timer.span(lambda: torch.mm(a, b, out=out)) for _ in range(repeats)]
 
 
 def copy_bandwidth(device: torch.device, timer: Timer, mib: int = 1024, repeats: int = 5) -> float:

@@ -19,6 +19,11 @@ Isa hardware_isa() {
     // cpuid feature bits; GCC/Clang also check that the OS saves the wider register state.
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
         __builtin_cpu_supports("fma")) {
+      // The bf16 GEMM (bf16_gemm.cpp) also uses AVX512-BW/VL masked 16-bit stores.
+      if (__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+          __builtin_cpu_supports("avx512vl")) {
+        return Isa::kAvx512Bf16;
+      }
       return Isa::kAvx512;
     }
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
@@ -36,19 +41,22 @@ Isa selected_isa() {
   if (std::strcmp(env, "scalar") == 0) want = Isa::kScalar;
   else if (std::strcmp(env, "avx2") == 0) want = Isa::kAvx2;
   else if (std::strcmp(env, "avx512") == 0) want = Isa::kAvx512;
-  else TORCH_CHECK(false, "CK_CPU_ISA must be avx512, avx2 or scalar (or unset), got '", env, "'");
+  else if (std::strcmp(env, "avx512_bf16") == 0) want = Isa::kAvx512Bf16;
+  else TORCH_CHECK(false, "CK_CPU_ISA must be avx512_bf16, avx512, avx2 or scalar (or unset), ",
+                   "got '", env, "'");
   return static_cast<Isa>(std::min(static_cast<int>(want), static_cast<int>(hw)));
 }
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAvx512Bf16: return "avx512_bf16";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "scalar";
   }
 }
 
-// Reported from the kernel table itself, so it names the code the next float32 call runs.
+// Reported from the kernel table itself, so it names the code the next call runs.
 std::string cpu_isa() { return lse_tile_kernels<float>().isa; }
 
 }  // namespace ck::cpu

@@ -17,7 +17,7 @@
 #include "lse_cpu.h"
 #include "lse_masks.h"
 #include "lse_tiles.h"
-#include "tiling.h"
+#include "tile_gemm.h"
 
 namespace ck::cpu {
 namespace {
@@ -44,10 +44,12 @@ void lse_bwd_impl(const LseBwdArgs<T>& a) {
   const bool classes = a.row_ids != nullptr;
   const bool dense_terms = a.grad_row != nullptr || a.grad_col != nullptr;
   const bool class_pos = classes && a.grad_pos != nullptr;
+  const Operands<T> op{a.Q, a.K, a.Qh, a.Kh};
 
   if (dense_terms || class_pos) {
     const LseTileKernels<T> tk = lse_tile_kernels<T>();
     const Tiling tl = make_tiling(N, M);
+    const TileGemms<T> gemms(op, M, D, tl, /*backward=*/true);
     const std::vector<T> row_off = a.grad_row ? tile_offsets(a.row_lse, N) : std::vector<T>();
     const std::vector<T> col_off = a.grad_col ? tile_offsets(a.col_lse, M) : std::vector<T>();
     const T ninf = -std::numeric_limits<T>::infinity();
@@ -85,6 +87,7 @@ void lse_bwd_impl(const LseBwdArgs<T>& a) {
           const int64_t ib = std::min(tl.rows, N - i0);
           uint8_t* mask = masked ? mask_ptr + slot * mask_stride : nullptr;
           T* gsim = mk.guide() ? gsim_ptr + slot * gsim_stride : nullptr;
+          gemms.begin_block(slot, i0, ib);
           for (int64_t j0 = 0; j0 < M; j0 += tl.cols) {
             const int64_t jt = std::min(tl.cols, M - j0);
             // Excluded pairs of this tile (self pair included) when masks are given.
@@ -105,8 +108,7 @@ void lse_bwd_impl(const LseBwdArgs<T>& a) {
             if (dense_terms) {
               // Recompute the tile and turn it into the dense part of G in place. An excluded
               // logit is −inf first, so its weights are e^−inf = 0 rather than a possible overflow.
-              gemm<T>(false, true, ib, jt, D, s, a.Q + i0 * D, D, a.K + j0 * D, D, T(0), tile,
-                      tl.cols);
+              gemms.logits(i0, ib, j0, jt, s, tile, tl.cols);
               if (any_excluded) set_excluded(ninf);
               tk.bwd(tile, ib, jt, tl.cols, a.grad_row ? row_off.data() + i0 : nullptr,
                      a.grad_row ? a.grad_row + i0 : nullptr,
@@ -130,10 +132,7 @@ void lse_bwd_impl(const LseBwdArgs<T>& a) {
             // Exactly 0 on the excluded pairs, whatever the terms above wrote there.
             if (any_excluded) set_excluded(T(0));
             // dQ_blk += s·G·K_tile, dK_tile += s·Gᵀ·Q_blk, both from the tile while in cache.
-            gemm<T>(false, false, ib, D, jt, s, tile, tl.cols, a.K + j0 * D, D, T(1),
-                    a.grad_q + i0 * D, D);
-            gemm<T>(true, false, jt, D, ib, s, tile, tl.cols, a.Q + i0 * D, D, dk_beta, dk + j0 * D,
-                    D);
+            gemms.grads(slot, i0, ib, j0, jt, s, tile, tl.cols, a.grad_q, dk, dk_beta);
           }
         });
     merge_private_grad_keys(a.grad_k, dk_ptr, tl.groups - 1, M * D);
@@ -148,11 +147,9 @@ void lse_bwd_impl(const LseBwdArgs<T>& a) {
       const T g = s * a.grad_pos[i];
       T* dq = a.grad_q + i * D;
       T* dk = a.grad_k + l * D;
-      const T* q = a.Q + i * D;
-      const T* k = a.K + l * D;
       for (int64_t d = 0; d < D; ++d) {
-        dq[d] += g * k[d];
-        dk[d] += g * q[d];
+        dq[d] += g * op.k(l * D + d);
+        dk[d] += g * op.q(i * D + d);
       }
     }
   }

@@ -57,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_fwd_cpu(
       check_masks(op, row_groups, col_groups, guide_query, guide_keys, guide_threshold, p);
   // With masks, |P(i)| depends on the pairs the masks remove: counted in the tiles.
   const bool tile_counts = ids.defined() && mi.active();
-  const at::Tensor q = as_stat(query, p.stat), k = as_stat(keys, p.stat);
+  const TileInputs in = tile_inputs(query, keys, p.stat);
   const auto opts = query.options().dtype(p.stat);
   at::Tensor row_lse = at::empty({p.N}, opts);
   at::Tensor col_lse = at::empty({compute_col ? p.M : 0}, opts);
@@ -67,12 +67,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_fwd_cpu(
 
   dispatch_stat(p.stat, [&](auto tag) {
     using T = decltype(tag);
-    LseFwdArgs<T> args{q.data_ptr<T>(), k.data_ptr<T>(), p.N, p.M, p.D, p.scale,
+    const Operands<T> op = in.operands<T>();
+    LseFwdArgs<T> args{op.Q, op.K, p.N, p.M, p.D, p.scale,
                        ptr_or_null<int64_t>(lab), ids.row_ptr(), ids.col_ptr(), exclude_self,
                        row_lse.data_ptr<T>(), compute_col ? col_lse.data_ptr<T>() : nullptr,
                        pos.data_ptr<T>()};
     args.masks = pair_masks<T>(mi);
     args.pos_count = tile_counts ? pos_count.data_ptr<T>() : nullptr;
+    args.Qh = op.Qh;
+    args.Kh = op.Kh;
     lse_fwd_impl<T>(args);
     if (ids.defined() && !tile_counts) {
       // |P(i)| needs no tile: the number of columns of row i's class, minus its own column when
@@ -114,19 +117,22 @@ std::tuple<at::Tensor, at::Tensor> lse_bwd_cpu(
                                      : at::Tensor();
   const at::Tensor cl = gc.defined() ? check_vector(op, "col_lse", col_lse, p.M, p.stat)
                                      : at::Tensor();
-  const at::Tensor q = as_stat(query, p.stat), k = as_stat(keys, p.stat);
+  const TileInputs in = tile_inputs(query, keys, p.stat);
   const auto opts = query.options().dtype(p.stat);
   at::Tensor grad_q = at::zeros({p.N, p.D}, opts);
   at::Tensor grad_k = at::zeros({p.M, p.D}, opts);
 
   dispatch_stat(p.stat, [&](auto tag) {
     using T = decltype(tag);
-    LseBwdArgs<T> args{q.data_ptr<T>(), k.data_ptr<T>(), p.N, p.M, p.D, p.scale,
+    const Operands<T> op = in.operands<T>();
+    LseBwdArgs<T> args{op.Q, op.K, p.N, p.M, p.D, p.scale,
                        ptr_or_null<int64_t>(lab), ids.row_ptr(), ids.col_ptr(), exclude_self,
                        ptr_or_null<T>(rl), ptr_or_null<T>(cl), ptr_or_null<T>(gr),
                        ptr_or_null<T>(gc), ptr_or_null<T>(gp), grad_q.data_ptr<T>(),
                        grad_k.data_ptr<T>()};
     args.masks = pair_masks<T>(mi);
+    args.Qh = op.Qh;
+    args.Kh = op.Kh;
     lse_bwd_impl<T>(args);
   });
   return {grad_q, grad_k};

@@ -12,6 +12,8 @@
 // never a positive either, whichever rule excluded it.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
 
 namespace ck::cpu {
@@ -47,6 +49,8 @@ struct LseFwdArgs {
   PairMasks<T> masks;
   T* pos_count = nullptr;  // (N,), zeroed by the caller: |P(i)| counted in the tiles (classes
                            // with masks only; the caller counts it without tiles otherwise)
+  const c10::BFloat16* Qh = nullptr;  // bf16 operands (tile_gemm.h): set instead of Q and K
+  const c10::BFloat16* Kh = nullptr;
 };
 
 template <typename T>
@@ -67,6 +71,8 @@ struct LseBwdArgs {
   T* grad_q;          // (N, D), zeroed by the caller
   T* grad_k;          // (M, D), zeroed by the caller
   PairMasks<T> masks;
+  const c10::BFloat16* Qh = nullptr;  // bf16 operands (tile_gemm.h): set instead of Q and K
+  const c10::BFloat16* Kh = nullptr;
 };
 
 template <typename T>

@@ -24,7 +24,7 @@
 #include "lse_cpu.h"
 #include "lse_masks.h"
 #include "lse_tiles.h"
-#include "tiling.h"
+#include "tile_gemm.h"
 
 namespace ck::cpu {
 
@@ -33,6 +33,7 @@ void lse_fwd_impl(const LseFwdArgs<T>& a) {
   const LseTileKernels<T> tk = lse_tile_kernels<T>();
   const int64_t N = a.N, M = a.M, D = a.D;
   const Tiling tl = make_tiling(N, M);
+  const TileGemms<T> gemms(Operands<T>{a.Q, a.K, a.Qh, a.Kh}, M, D, tl, /*backward=*/false);
   const bool compute_col = a.col_lse != nullptr;
   const bool classes = a.row_ids != nullptr;
   const T alpha = static_cast<T>(a.scale);
@@ -85,8 +86,7 @@ void lse_fwd_impl(const LseFwdArgs<T>& a) {
         std::fill(rsum, rsum + ib, T(0));
         for (int64_t j0 = 0; j0 < M; j0 += tl.cols) {
           const int64_t jt = std::min(tl.cols, M - j0);
-          gemm<T>(false, true, ib, jt, D, alpha, a.Q + i0 * D, D, a.K + j0 * D, D, T(0), tile,
-                  tl.cols);
+          gemms.logits(i0, ib, j0, jt, alpha, tile, tl.cols);
           // Excluded pairs of this tile (self pair included) when masks are given.
           const int64_t n_excluded =
               masked ? build_tile_mask(mk, des, a.exclude_self, i0, ib, j0, jt, tl.cols, gsim, mask)

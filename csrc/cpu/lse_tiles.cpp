@@ -464,6 +464,7 @@ LseTileKernels<float> lse_tile_kernels<float>() {
   const Isa isa = selected_isa();
   switch (isa) {
 #if CK_X86_SIMD
+    case Isa::kAvx512Bf16:  // the same float32 passes; bf16 only changes the tile GEMMs
     case Isa::kAvx512:
       return {&fwd_tile_avx512, &bwd_tile_avx512, &pos_sum_avx512, &pos_add_avx512, isa_name(isa)};
     case Isa::kAvx2:

@@ -52,7 +52,7 @@ struct LseTileKernels {
   BwdTileFn<T> bwd;
   PosSumTileFn<T> pos_sum;
   PosAddTileFn<T> pos_add;
-  const char* isa;  // "avx512", "avx2" or "scalar": what ck_native::cpu_isa() reports
+  const char* isa;  // "avx512_bf16", "avx512", "avx2" or "scalar": what cpu_isa() reports
 };
 
 // The passes of the path selected_isa() picks now (float) or the generic ones (double).

@@ -6,6 +6,8 @@
 #include <limits>
 #include <tuple>
 
+#include "isa.h"
+
 namespace ck::cpu {
 
 Problem check_problem(const char* op, const at::Tensor& query, const at::Tensor& keys,
@@ -182,6 +184,13 @@ at::Tensor check_vector(const char* op, const char* name, const std::optional<at
               op, ": ", name, " must be a ", stat, " CPU tensor of shape (", len,
               "), got dtype ", t->scalar_type(), ", shape ", t->sizes(), ", device ", t->device());
   return t->contiguous();
+}
+
+TileInputs tile_inputs(const at::Tensor& query, const at::Tensor& keys, at::ScalarType stat) {
+  if (query.scalar_type() == at::kBFloat16 && selected_isa() == Isa::kAvx512Bf16) {
+    return {query, keys, true};  // contiguous (check_problem)
+  }
+  return {as_stat(query, stat), as_stat(keys, stat), false};
 }
 
 }  // namespace ck::cpu

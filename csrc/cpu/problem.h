@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <optional>
 
+#include "tile_gemm.h"
+
 namespace ck::cpu {
 
 struct Problem {
@@ -76,6 +78,27 @@ MaskInputs check_masks(const char* op, const std::optional<at::Tensor>& row_grou
 inline at::Tensor as_stat(const at::Tensor& t, at::ScalarType stat) {
   return t.scalar_type() == stat ? t : t.to(stat).contiguous();
 }
+
+// The tile operands of the LSE and sigmoid kernels (tile_gemm.h): bfloat16 inputs stay bfloat16
+// when the bf16 GEMM path is selected (isa.h kAvx512Bf16), everything else is as_stat's copy.
+// float16 is always upcast (no fp16 dot-product path).
+struct TileInputs {
+  at::Tensor q, k;
+  bool bf16 = false;
+  template <typename T>
+  Operands<T> operands() const {
+    Operands<T> op;
+    if (bf16) {
+      op.Qh = q.data_ptr<at::BFloat16>();
+      op.Kh = k.data_ptr<at::BFloat16>();
+    } else {
+      op.Q = q.data_ptr<T>();
+      op.K = k.data_ptr<T>();
+    }
+    return op;
+  }
+};
+TileInputs tile_inputs(const at::Tensor& query, const at::Tensor& keys, at::ScalarType stat);
 
 template <typename T>
 const T* ptr_or_null(const at::Tensor& t) {

@@ -22,17 +22,18 @@
 
 #include "problem.h"
 #include "sigmoid_tiles.h"
-#include "tiling.h"
+#include "tile_gemm.h"
 
 namespace ck::cpu {
 namespace {
 
 template <typename T>
-void sigmoid_fwd_impl(const T* Q, const T* K, int64_t N, int64_t M, int64_t D, double scale,
+void sigmoid_fwd_impl(const Operands<T>& op, int64_t N, int64_t M, int64_t D, double scale,
                       double bias, const int32_t* row_ids, const int32_t* col_ids, T* row_loss) {
   // row_loss arrives zeroed.
   const SigmoidTileKernels<T> tk = sigmoid_tile_kernels<T>();
   const Tiling tl = make_tiling(N, M);
+  const TileGemms<T> gemms(op, M, D, tl, /*backward=*/false);
   const T alpha = static_cast<T>(scale), b = static_cast<T>(bias);
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   const int64_t tile_stride = aligned_stride<T>(tl.rows * tl.cols);
@@ -48,8 +49,7 @@ void sigmoid_fwd_impl(const T* Q, const T* K, int64_t N, int64_t M, int64_t D, d
         const int64_t ib = std::min(tl.rows, N - i0);
         for (int64_t j0 = 0; j0 < M; j0 += tl.cols) {
           const int64_t jt = std::min(tl.cols, M - j0);
-          gemm<T>(false, true, ib, jt, D, alpha, Q + i0 * D, D, K + j0 * D, D, T(0), tile,
-                  tl.cols);
+          gemms.logits(i0, ib, j0, jt, alpha, tile, tl.cols);
           tk.fwd(tile, ib, jt, tl.cols, b, row_ids ? row_ids + i0 : nullptr,
                  col_ids ? col_ids + j0 : nullptr, row_loss + i0);
         }
@@ -57,12 +57,13 @@ void sigmoid_fwd_impl(const T* Q, const T* K, int64_t N, int64_t M, int64_t D, d
 }
 
 template <typename T>
-void sigmoid_bwd_impl(const T* Q, const T* K, int64_t N, int64_t M, int64_t D, double scale,
+void sigmoid_bwd_impl(const Operands<T>& op, int64_t N, int64_t M, int64_t D, double scale,
                       double bias, const int32_t* row_ids, const int32_t* col_ids,
                       const T* grad_row, T* grad_q, T* grad_k, T* grad_bias) {
   // grad_q, grad_k, grad_bias arrive zeroed.
   const SigmoidTileKernels<T> tk = sigmoid_tile_kernels<T>();
   const Tiling tl = make_tiling(N, M);
+  const TileGemms<T> gemms(op, M, D, tl, /*backward=*/true);
   const T s = static_cast<T>(scale), b = static_cast<T>(bias);
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   // Group 0 accumulates grad_keys in place (zeroed by the caller); the others into private
@@ -84,16 +85,15 @@ void sigmoid_bwd_impl(const T* Q, const T* K, int64_t N, int64_t M, int64_t D, d
         const T dk_beta = g > 0 && blk == tl.group_begin(g) ? T(0) : T(1);
         const int64_t i0 = blk * tl.rows;
         const int64_t ib = std::min(tl.rows, N - i0);
+        gemms.begin_block(slot, i0, ib);
         for (int64_t j0 = 0; j0 < M; j0 += tl.cols) {
           const int64_t jt = std::min(tl.cols, M - j0);
           // Recompute the tile (the same rounded S as the forward), turn it into G in place, then
           // both gradient GEMMs read it while it is still in cache.
-          gemm<T>(false, true, ib, jt, D, s, Q + i0 * D, D, K + j0 * D, D, T(0), tile, tl.cols);
+          gemms.logits(i0, ib, j0, jt, s, tile, tl.cols);
           tk.bwd(tile, ib, jt, tl.cols, b, row_ids ? row_ids + i0 : nullptr,
                  col_ids ? col_ids + j0 : nullptr, grad_row + i0, grad_bias + i0);
-          gemm<T>(false, false, ib, D, jt, s, tile, tl.cols, K + j0 * D, D, T(1), grad_q + i0 * D,
-                  D);
-          gemm<T>(true, false, jt, D, ib, s, tile, tl.cols, Q + i0 * D, D, dk_beta, dk + j0 * D, D);
+          gemms.grads(slot, i0, ib, j0, jt, s, tile, tl.cols, grad_q, dk, dk_beta);
         }
       });
   merge_private_grad_keys(grad_k, dk_ptr, tl.groups - 1, M * D);
@@ -117,11 +117,11 @@ at::Tensor sigmoid_fwd_cpu(const at::Tensor& query, const at::Tensor& keys,
   const Problem p = check_problem(op, query, keys, scale);
   const double b = check_bias(op, bias, p);
   const ClassIds ids = positive_ids(op, row_classes, col_classes, diagonal, p);
-  const at::Tensor q = as_stat(query, p.stat), k = as_stat(keys, p.stat);
+  const TileInputs in = tile_inputs(query, keys, p.stat);
   at::Tensor row_loss = at::zeros({p.N}, query.options().dtype(p.stat));
   dispatch_stat(p.stat, [&](auto tag) {
     using T = decltype(tag);
-    sigmoid_fwd_impl<T>(q.data_ptr<T>(), k.data_ptr<T>(), p.N, p.M, p.D, p.scale, b,
+    sigmoid_fwd_impl<T>(in.operands<T>(), p.N, p.M, p.D, p.scale, b,
                         ids.row_ptr(), ids.col_ptr(), row_loss.data_ptr<T>());
   });
   return row_loss;
@@ -136,14 +136,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_bwd_cpu(
   const double b = check_bias(op, bias, p);
   const ClassIds ids = positive_ids(op, row_classes, col_classes, diagonal, p);
   const at::Tensor gr = check_vector(op, "grad_row", grad_row, p.N, p.stat);
-  const at::Tensor q = as_stat(query, p.stat), k = as_stat(keys, p.stat);
+  const TileInputs in = tile_inputs(query, keys, p.stat);
   const auto opts = query.options().dtype(p.stat);
   at::Tensor grad_q = at::zeros({p.N, p.D}, opts);
   at::Tensor grad_k = at::zeros({p.M, p.D}, opts);
   at::Tensor grad_bias = at::zeros({p.N}, opts);
   dispatch_stat(p.stat, [&](auto tag) {
     using T = decltype(tag);
-    sigmoid_bwd_impl<T>(q.data_ptr<T>(), k.data_ptr<T>(), p.N, p.M, p.D, p.scale, b,
+    sigmoid_bwd_impl<T>(in.operands<T>(), p.N, p.M, p.D, p.scale, b,
                         ids.row_ptr(), ids.col_ptr(), gr.data_ptr<T>(), grad_q.data_ptr<T>(),
                         grad_k.data_ptr<T>(), grad_bias.data_ptr<T>());
   });
