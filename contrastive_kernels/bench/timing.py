@@ -112,9 +112,12 @@ class Timer:
 # roofs: the same run's dense matmul rate and copy bandwidth
 # ---------------------------------------------------------------------------------------------
 
-def _mm_ms(a: torch.Tensor, b: torch.Tensor, timer: Timer, repeats: int) -> list:
-    torch.mm(a, b)  # warm-up
-    return [timer.span(lambda: torch.mm(a, b)) for _ in range(repeats)]
+def _mm_ms(a: torch.Tensor, b: torch.Tensor, timer: Timer, repeats: int,
+           out: Optional[torch.Tensor] = None) -> list:
+    """Milliseconds of ``repeats`` calls of torch.mm(a, b) after one warm-up call (into ``out``
+    when given: the product alone, no allocation)."""
+    torch.mm(a, b, out=out)
+    return [timer.span(lambda: torch.mm(a, b, out=out)) for _ in range(repeats)]
 
 
 def gemm_ceiling(device: torch.device, dtype: torch.dtype, n: int, d: int, timer: Timer,
@@ -185,9 +188,7 @@ def mm_ms(n: int, d: int, dtype: torch.dtype, timer: Timer, repeats: int, seed: 
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(n, d, generator=gen).to(device=timer.device, dtype=dtype)
     b = torch.randn(d, n, generator=gen).to(device=timer.device, dtype=dtype)
-    out = torch.empty(n, n, dtype=dtype, device=timer.device)
-    torch.mm(a, b, out=out)  # warm-up
-    return [timer.span(lambda: torch.mm(a, b, out=out)) for _ in range(repeats)]
+    return _mm_ms(a, b, timer, repeats, out=torch.empty(n, n, dtype=dtype, device=timer.device))
 
 
 def copy_bandwidth(device: torch.device, timer: Timer, mib: int = 1024, repeats: int = 5) -> float:

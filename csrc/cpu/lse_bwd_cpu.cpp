@@ -44,7 +44,7 @@ void lse_bwd_impl(const LseBwdArgs<T>& a) {
   const bool classes = a.row_ids != nullptr;
   const bool dense_terms = a.grad_row != nullptr || a.grad_col != nullptr;
   const bool class_pos = classes && a.grad_pos != nullptr;
-  const Operands<T> op{a.Q, a.K, a.Qh, a.Kh};
+  const Operands<T>& op = a.op;
 
   if (dense_terms || class_pos) {
     const LseTileKernels<T> tk = lse_tile_kernels<T>();

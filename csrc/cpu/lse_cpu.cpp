@@ -67,15 +67,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_fwd_cpu(
 
   dispatch_stat(p.stat, [&](auto tag) {
     using T = decltype(tag);
-    const Operands<T> op = in.operands<T>();
-    LseFwdArgs<T> args{op.Q, op.K, p.N, p.M, p.D, p.scale,
+    LseFwdArgs<T> args{in.operands<T>(), p.N, p.M, p.D, p.scale,
                        ptr_or_null<int64_t>(lab), ids.row_ptr(), ids.col_ptr(), exclude_self,
                        row_lse.data_ptr<T>(), compute_col ? col_lse.data_ptr<T>() : nullptr,
                        pos.data_ptr<T>()};
     args.masks = pair_masks<T>(mi);
     args.pos_count = tile_counts ? pos_count.data_ptr<T>() : nullptr;
-    args.Qh = op.Qh;
-    args.Kh = op.Kh;
     lse_fwd_impl<T>(args);
     if (ids.defined() && !tile_counts) {
       // |P(i)| needs no tile: the number of columns of row i's class, minus its own column when
@@ -124,15 +121,12 @@ std::tuple<at::Tensor, at::Tensor> lse_bwd_cpu(
 
   dispatch_stat(p.stat, [&](auto tag) {
     using T = decltype(tag);
-    const Operands<T> op = in.operands<T>();
-    LseBwdArgs<T> args{op.Q, op.K, p.N, p.M, p.D, p.scale,
+    LseBwdArgs<T> args{in.operands<T>(), p.N, p.M, p.D, p.scale,
                        ptr_or_null<int64_t>(lab), ids.row_ptr(), ids.col_ptr(), exclude_self,
                        ptr_or_null<T>(rl), ptr_or_null<T>(cl), ptr_or_null<T>(gr),
                        ptr_or_null<T>(gc), ptr_or_null<T>(gp), grad_q.data_ptr<T>(),
                        grad_k.data_ptr<T>()};
     args.masks = pair_masks<T>(mi);
-    args.Qh = op.Qh;
-    args.Kh = op.Kh;
     lse_bwd_impl<T>(args);
   });
   return {grad_q, grad_k};

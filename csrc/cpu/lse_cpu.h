@@ -12,9 +12,9 @@
 // never a positive either, whichever rule excluded it.
 #pragma once
 
-#include <c10/util/BFloat16.h>
-
 #include <cstdint>
+
+#include "tile_operands.h"
 
 namespace ck::cpu {
 
@@ -35,8 +35,7 @@ struct PairMasks {
 
 template <typename T>
 struct LseFwdArgs {
-  const T* Q;  // (N, D)
-  const T* K;  // (M, D)
+  Operands<T> op;  // Q (N, D) and K (M, D)
   int64_t N, M, D;
   double scale;
   const int64_t* labels;   // (N,) or nullptr
@@ -49,14 +48,11 @@ struct LseFwdArgs {
   PairMasks<T> masks;
   T* pos_count = nullptr;  // (N,), zeroed by the caller: |P(i)| counted in the tiles (classes
                            // with masks only; the caller counts it without tiles otherwise)
-  const c10::BFloat16* Qh = nullptr;  // bf16 operands (tile_gemm.h): set instead of Q and K
-  const c10::BFloat16* Kh = nullptr;
 };
 
 template <typename T>
 struct LseBwdArgs {
-  const T* Q;
-  const T* K;
+  Operands<T> op;
   int64_t N, M, D;
   double scale;
   const int64_t* labels;
@@ -71,8 +67,6 @@ struct LseBwdArgs {
   T* grad_q;          // (N, D), zeroed by the caller
   T* grad_k;          // (M, D), zeroed by the caller
   PairMasks<T> masks;
-  const c10::BFloat16* Qh = nullptr;  // bf16 operands (tile_gemm.h): set instead of Q and K
-  const c10::BFloat16* Kh = nullptr;
 };
 
 template <typename T>

@@ -33,7 +33,7 @@ void lse_fwd_impl(const LseFwdArgs<T>& a) {
   const LseTileKernels<T> tk = lse_tile_kernels<T>();
   const int64_t N = a.N, M = a.M, D = a.D;
   const Tiling tl = make_tiling(N, M);
-  const TileGemms<T> gemms(Operands<T>{a.Q, a.K, a.Qh, a.Kh}, M, D, tl, /*backward=*/false);
+  const TileGemms<T> gemms(a.op, M, D, tl, /*backward=*/false);
   const bool compute_col = a.col_lse != nullptr;
   const bool classes = a.row_ids != nullptr;
   const T alpha = static_cast<T>(a.scale);

@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <optional>
 
-#include "tile_gemm.h"
+#include "tile_operands.h"
 
 namespace ck::cpu {
 

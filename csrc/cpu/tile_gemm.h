@@ -20,21 +20,10 @@
 #include <type_traits>
 
 #include "bf16_gemm.h"
+#include "tile_operands.h"
 #include "tiling.h"
 
 namespace ck::cpu {
-
-template <typename T>
-struct Operands {
-  const T* Q = nullptr;  // (N, D), upcast path
-  const T* K = nullptr;  // (M, D)
-  const c10::BFloat16* Qh = nullptr;  // (N, D), bf16 path (T = float; Q and K are then null)
-  const c10::BFloat16* Kh = nullptr;  // (M, D)
-  bool bf16() const { return Qh != nullptr; }
-  // Element e of Q or K as T, on either path (O(N·D) loops outside the tiles).
-  T q(int64_t e) const { return Q ? Q[e] : static_cast<T>(static_cast<float>(Qh[e])); }
-  T k(int64_t e) const { return K ? K[e] : static_cast<T>(static_cast<float>(Kh[e])); }
-};
 
 template <typename T>
 class TileGemms {
